@@ -1,0 +1,71 @@
+"""The public Python API: train, test, predict and demo, each the same as its command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import evaluation, training
+from .config import load_yaml, preset as named_preset
+from .data import test_samples
+from .scoring import Model, load_model
+from .storage import atomic_write_text
+from .synthetic import make_dataset
+
+
+def train(*, data: Path, category: str, preset: str = "cpu", out: Path, steps: int | None = None,
+          seed: int | None = None, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
+    """Train a preset on ``data/category/train/good`` into the run folder ``out``; returns model.pt."""
+    out = Path(out)
+    if resume and (out / "config.yaml").exists():
+        config = load_yaml(out / "config.yaml")
+        if preset != config.preset:
+            raise training.RunFolderError(f"{out}: run was made with preset {config.preset!r}, not {preset!r}")
+    else:
+        config = named_preset(preset)
+    config.data_root = str(Path(data).resolve())
+    config.category = category
+    if steps is not None:
+        config.train.steps = steps
+    if seed is not None:
+        config.train.seed = seed
+    return training.train(config, out=out, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def test(*, run: Path, data: Path | None = None, category: str | None = None, out: Path | None = None,
+         alpha: float | None = None, progress: bool = True) -> tuple[dict[str, Any], str]:
+    """Test a trained run on a labelled set (default: the one it was trained on); returns (metrics, table)."""
+    model = load_model(run)
+    root = Path(data) if data is not None else Path(model.config.data_root)
+    name = category or model.config.category
+    samples = test_samples(root, name)
+    out = Path(out) if out is not None else Path(run) / "test"
+    metrics = evaluation.test(model, samples, out=out, category=name, alpha=alpha, progress=progress)
+    table = evaluation.format_table(metrics)
+    atomic_write_text(out / "table.txt", table + "\n")
+    return metrics, table
+
+
+def predict(*, run: Path, inputs: Sequence[Path], out: Path, alpha: float | None = None,
+            progress: bool = True) -> list[tuple[Path, float]]:
+    """Score images or folders of images; returns (path, score) pairs."""
+    return evaluation.predict(load_model(run), inputs, out=out, alpha=alpha, progress=progress)
+
+
+def demo(*, out: Path = Path("defectdiff-demo"), steps: int = 300, progress: bool = True) -> tuple[str, Path]:
+    """Make a synthetic set, train the demo preset on it, test it; returns (table, out)."""
+    out = Path(out)
+    data = out / "data"
+    if not (data / "surface" / "train").exists():
+        make_dataset(data, size=64, train=40, test_good=8, test_per_defect=6)
+    config = named_preset("tiny")
+    config.data_root = str(data.resolve())
+    config.category = "surface"
+    config.train.steps = steps
+    config.train.checkpoint_every = max(50, steps // 4)
+    training.train(config, out=out / "run", overwrite=True, progress=progress)
+    _, table = test(run=out / "run", progress=progress)
+    return table, out
+
+
+__all__ = ["Model", "demo", "load_model", "predict", "test", "train"]

@@ -1,0 +1,244 @@
+"""Testing and prediction: score image sets, write maps, overlays, scores and the official metrics.
+
+A test writes into its output folder:
+- ``metrics.json``: pixel AUROC, AUPRO@0.3 and image AUROC, overall and per defect type (each defect
+  type with the good images); a metric that is undefined for the set is ``null`` with the reason.
+- ``scores.csv``: image, defect type, label, score.
+- ``anomaly_maps/<category>/test/<defect>/<stem>.tiff``: float32 maps at each image's original size,
+  the layout MVTec AD's official evaluation script reads.
+- ``overlays/<defect>/<stem>.png``: image, pixel map, feature map, final map, ground truth.
+- ``raw_maps.npz``: the unmixed pixel and feature maps at model resolution, so alpha can be swept
+  without running the model again.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import tifffile
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import IMAGE_EXTENSIONS, DataError, Sample, load_image, to_tensor
+from .metrics import aupro, image_auroc, pixel_auroc
+from .scoring import Model, RawMaps
+from .storage import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .visualize import overlay_panel, save_png
+
+
+@dataclass
+class ScoredSet:
+    """Raw maps (N x R x R, float32) of a set of samples, in the samples' order."""
+
+    samples: list[Sample]
+    pixel: np.ndarray
+    feature: np.ndarray
+    seconds: float
+
+    def raw(self, index: Sequence[int] | slice) -> RawMaps:
+        return RawMaps(pixel=torch.from_numpy(self.pixel[index]), feature=torch.from_numpy(self.feature[index]))
+
+
+def score_samples(model: Model, samples: Sequence[Sample], *, progress: bool = True) -> ScoredSet:
+    """Run the model over samples in batches of ``score.batch_size`` and keep both raw maps."""
+    res = model.config.model.resolution
+    batch = model.config.score.batch_size
+    pixel = np.zeros((len(samples), res, res), dtype=np.float32)
+    feature = np.zeros_like(pixel)
+    start = time.perf_counter()
+    bar = tqdm(total=len(samples), desc="score", disable=not progress, dynamic_ncols=True, unit="img")
+    for i in range(0, len(samples), batch):
+        chunk = samples[i : i + batch]
+        images = torch.stack([to_tensor(s.load_image(), res) for s in chunk])
+        raw = model.raw_maps(images, names=[s.name for s in chunk])
+        pixel[i : i + len(chunk)] = raw.pixel.numpy()
+        feature[i : i + len(chunk)] = raw.feature.numpy()
+        bar.update(len(chunk))
+    bar.close()
+    for i, s in enumerate(samples):
+        if not (np.isfinite(pixel[i]).all() and np.isfinite(feature[i]).all()):
+            raise ValueError(f"{s.image_path}: its anomaly map holds NaN or inf")
+    return ScoredSet(samples=list(samples), pixel=pixel, feature=feature, seconds=time.perf_counter() - start)
+
+
+def to_original_size(maps: torch.Tensor, *, size: tuple[int, int]) -> np.ndarray:
+    """Bilinearly resize one RxR map to (H, W)."""
+    return F.interpolate(maps[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def _metric(fn: Callable[..., float], *args: Any) -> tuple[float | None, str | None]:
+    try:
+        return float(fn(*args)), None
+    except ValueError as error:
+        return None, str(error)
+
+
+def set_metrics(*, maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], scores: Sequence[float],
+                labels: Sequence[int]) -> dict[str, Any]:
+    """The three metrics of one set; undefined ones are None with their reason under 'undefined'."""
+    out: dict[str, Any] = {}
+    undefined: dict[str, str] = {}
+    for key, fn, args in (("pixel_auroc", pixel_auroc, (maps, masks)), ("aupro", aupro, (maps, masks)),
+                          ("image_auroc", image_auroc, (scores, labels))):
+        out[key], reason = _metric(fn, *args)
+        if reason:
+            undefined[key] = reason
+    out["images"] = len(labels)
+    if undefined:
+        out["undefined"] = undefined
+    return out
+
+
+def metrics_by_type(*, maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], scores: Sequence[float],
+                    samples: Sequence[Sample]) -> dict[str, Any]:
+    """Overall metrics and, per defect type, the metrics of that type together with the good images."""
+    labels = [s.label for s in samples]
+    result = {"overall": set_metrics(maps=maps, masks=masks, scores=scores, labels=labels), "per_defect": {}}
+    good = [i for i, s in enumerate(samples) if s.label == 0]
+    for defect in sorted({s.defect_type for s in samples if s.label == 1}):
+        chosen = good + [i for i, s in enumerate(samples) if s.defect_type == defect]
+        result["per_defect"][defect] = set_metrics(
+            maps=[maps[i] for i in chosen], masks=[masks[i] for i in chosen],
+            scores=[scores[i] for i in chosen], labels=[labels[i] for i in chosen])
+    return result
+
+
+def evaluate_scored(model: Model, scored: ScoredSet, *, alpha: float) -> tuple[dict[str, Any], np.ndarray]:
+    """Metrics at each image's original size for one alpha; returns (metrics, image scores)."""
+    final = model.final_map(scored.raw(slice(None)), alpha=alpha)
+    scores = model.image_scores(final).numpy()
+    maps, masks = [], []
+    for i, s in enumerate(scored.samples):
+        mask = s.load_mask()
+        maps.append(to_original_size(final[i], size=mask.shape))
+        masks.append(mask)
+    return metrics_by_type(maps=maps, masks=masks, scores=list(scores), samples=scored.samples), scores
+
+
+def _tiff_bytes(values: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, values.astype(np.float32))
+    return buffer.getvalue()
+
+
+def write_outputs(model: Model, scored: ScoredSet, *, out: Path, alpha: float, category: str,
+                  overlays: bool = True, with_masks: bool = True) -> np.ndarray:
+    """Maps as float32 TIFF at original size, overlay PNGs and scores.csv; returns image scores."""
+    raw = scored.raw(slice(None))
+    final = model.final_map(raw, alpha=alpha)
+    scores = model.image_scores(final).numpy()
+    pixel_z = (raw.pixel - model.calibration["pixel_mean"]) / model.calibration["pixel_std"]
+    feature_z = (raw.feature - model.calibration["feature_mean"]) / model.calibration["feature_std"]
+    high = max(float(np.quantile(final.numpy(), 0.999)), 1.0)
+    res = model.config.model.resolution
+    for i, s in enumerate(scored.samples):
+        image = s.load_image()
+        size = image.shape[:2]
+        stem = s.image_path.stem
+        atomic_write_bytes(out / "anomaly_maps" / category / "test" / s.defect_type / f"{stem}.tiff",
+                           _tiff_bytes(to_original_size(final[i], size=size)))
+        if overlays:
+            small = to_tensor(image, res).permute(1, 2, 0).numpy()
+            mask = s.load_mask() if with_masks else None
+            mask_small = None if mask is None else np.asarray(
+                F.interpolate(torch.from_numpy(mask)[None, None].float(), size=(res, res), mode="nearest")[0, 0]) > 0
+            panel = overlay_panel(image=small, panels=[pixel_z[i].numpy(), feature_z[i].numpy(), final[i].numpy()],
+                                  low=0.0, high=high, mask=mask_small)
+            save_png(out / "overlays" / s.defect_type / f"{stem}.png", panel)
+    rows = ["image,defect_type,label,score"] + [
+        f"{s.image_path},{s.defect_type},{s.label},{score:.6f}" for s, score in zip(scored.samples, scores)]
+    atomic_write_text(out / "scores.csv", "\n".join(rows) + "\n")
+    return scores
+
+
+def save_raw_maps(scored: ScoredSet, *, path: Path) -> None:
+    """Cache the unmixed maps (float16) with the samples they belong to."""
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer, pixel=scored.pixel.astype(np.float16), feature=scored.feature.astype(np.float16),
+        image_paths=np.array([str(s.image_path) for s in scored.samples]),
+        mask_paths=np.array([str(s.mask_path or "") for s in scored.samples]),
+        labels=np.array([s.label for s in scored.samples]),
+        defect_types=np.array([s.defect_type for s in scored.samples]))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_raw_maps(path: Path) -> ScoredSet:
+    """Read a cache written by :func:`save_raw_maps`."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no cached maps; run `defectdiff test` first")
+    with np.load(path, allow_pickle=False) as data:
+        samples = [Sample(image_path=Path(p), mask_path=Path(m) if m else None, label=int(lab), defect_type=str(d))
+                   for p, m, lab, d in zip(data["image_paths"], data["mask_paths"], data["labels"],
+                                           data["defect_types"])]
+        return ScoredSet(samples=samples, pixel=data["pixel"].astype(np.float32),
+                         feature=data["feature"].astype(np.float32), seconds=0.0)
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """A plain-text table of the overall and per-defect metrics (percent)."""
+    def cell(value: float | None) -> str:
+        return "   n/a" if value is None else f"{100 * value:6.2f}"
+
+    lines = [f"{'set':<20} {'images':>6} {'pixAUROC':>8} {'AUPRO':>8} {'imgAUROC':>8}"]
+    rows = [("overall", metrics["overall"])] + list(metrics["per_defect"].items())
+    for name, m in rows:
+        lines.append(f"{name:<20} {m['images']:>6} {cell(m['pixel_auroc']):>8} {cell(m['aupro']):>8} "
+                     f"{cell(m['image_auroc']):>8}")
+    return "\n".join(lines)
+
+
+def test(model: Model, samples: Sequence[Sample], *, out: Path, category: str, alpha: float | None = None,
+         progress: bool = True) -> dict[str, Any]:
+    """Score a labelled test set and write metrics.json, scores.csv, maps, overlays and the map cache."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    alpha = model.config.score.alpha if alpha is None else alpha
+    scored = score_samples(model, samples, progress=progress)
+    save_raw_maps(scored, path=out / "raw_maps.npz")
+    metrics, _ = evaluate_scored(model, scored, alpha=alpha)
+    write_outputs(model, scored, out=out, alpha=alpha, category=category)
+    metrics.update({"alpha": alpha, "score_seconds": round(scored.seconds, 2),
+                    "images_per_second": round(len(samples) / max(scored.seconds, 1e-9), 3)})
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def collect_images(paths: Sequence[Path]) -> list[Path]:
+    """Image files named directly or found (non-recursively, sorted) in named folders."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                           and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise DataError(f"{path}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            found += files
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    return found
+
+
+def predict(model: Model, paths: Sequence[Path], *, out: Path, alpha: float | None = None,
+            progress: bool = True) -> list[tuple[Path, float]]:
+    """Score unlabelled images: a map (TIFF), an overlay (PNG) per image and scores.csv."""
+    files = collect_images(paths)
+    for f in files:
+        load_image(f)
+    samples = [Sample(image_path=f, mask_path=None, label=0, defect_type="predict") for f in files]
+    names = [f"{i:04d}_{f.stem}" for i, f in enumerate(files)]
+    unique = [Sample(image_path=s.image_path, mask_path=None, label=0, defect_type=n) for s, n in zip(samples, names)]
+    scored = score_samples(model, unique, progress=progress)
+    alpha = model.config.score.alpha if alpha is None else alpha
+    out = Path(out)
+    scores = write_outputs(model, scored, out=out, alpha=alpha, category="predict", with_masks=False)
+    return list(zip(files, (float(s) for s in scores)))
