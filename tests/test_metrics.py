@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from defectdiff import metrics
 from defectdiff.metrics import aupro, image_auroc, pixel_auroc
 
 
@@ -117,6 +118,25 @@ def test_aupro_matches_reference_across_sort_chunks() -> None:
         assert aupro(maps=maps, masks=masks, fpr_limit=fpr_limit) == pytest.approx(expected, abs=1e-9)
 
 
+def test_aupro_matches_reference_when_a_run_of_ties_starts_at_a_chunk_edge() -> None:
+    """One internal chunk's worth of defect-free pixels shares the top score, so that run starts at a chunk edge."""
+    rng = np.random.default_rng(8)
+    shape = (2048, 2048)
+    mask = np.zeros(shape, dtype=bool)
+    mask[100:140, 200:260] = True
+    mask[1500:1503, 7:9] = True
+    score_map = np.zeros(shape)
+    ok_positions = np.flatnonzero(~mask)
+    chunk = metrics._CHUNK
+    assert chunk < ok_positions.size < 2 * chunk
+    score_map.flat[ok_positions[:chunk]] = 2.0
+    score_map.flat[ok_positions[chunk:]] = rng.integers(0, 2, size=ok_positions.size - chunk)
+    score_map[mask] = rng.choice([0.5, 1.5, 2.0, 2.5], size=int(mask.sum()))
+    for fpr_limit in (1.0, 0.3):
+        expected = reference_aupro(maps=[score_map], masks=[mask], fpr_limit=fpr_limit)
+        assert aupro(maps=[score_map], masks=[mask], fpr_limit=fpr_limit) == pytest.approx(expected, abs=1e-9)
+
+
 def one_image_case() -> tuple[np.ndarray, np.ndarray]:
     mask = np.zeros((20, 30), dtype=bool)
     mask[3:8, 4:12] = True
@@ -185,6 +205,12 @@ def test_aupro_ignores_score_scale_and_dtype() -> None:
     assert aupro(maps=[m.astype(np.float32) for m in quantised], masks=masks) == pytest.approx(
         aupro(maps=quantised, masks=masks), abs=1e-12
     )
+
+
+def test_aupro_keeps_float64_score_differences() -> None:
+    """Scores 1e-12 apart are distinct thresholds: rounding them to float32 would merge them into one step."""
+    perfect, mask = one_image_case()
+    assert aupro(maps=[1.0 + 1e-12 * perfect], masks=[mask]) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_aupro_accepts_non_boolean_masks() -> None:

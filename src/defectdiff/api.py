@@ -14,7 +14,7 @@ from .synthetic import make_dataset
 
 
 def train(*, data: Path, category: str, preset: str = "cpu", out: Path, steps: int | None = None,
-          seed: int | None = None, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
+          seed: int | None = None, threads: int | None = None, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
     """Train a preset on ``data/category/train/good`` into the run folder ``out``; returns model.pt."""
     out = Path(out)
     if resume and (out / "config.yaml").exists():
@@ -29,6 +29,8 @@ def train(*, data: Path, category: str, preset: str = "cpu", out: Path, steps: i
         config.train.steps = steps
     if seed is not None:
         config.train.seed = seed
+    if threads is not None:
+        config.train.num_threads = threads
     return training.train(config, out=out, resume=resume, overwrite=overwrite, progress=progress)
 
 

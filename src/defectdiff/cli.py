@@ -23,6 +23,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="run folder to create")
     p.add_argument("--steps", type=int, help="override the preset's number of training steps")
     p.add_argument("--seed", type=int, help="override the preset's seed")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; use 1 beside other jobs)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "train":
         start = time.perf_counter()
         model_path = train(data=args.data, category=args.category, preset=args.preset, out=args.out,
-                           steps=args.steps, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
+                           steps=args.steps, seed=args.seed, threads=args.threads, resume=args.resume, overwrite=args.overwrite,
                            progress=progress)
         print(f"trained in {time.perf_counter() - start:.0f} s: {model_path}")
     elif args.command == "test":

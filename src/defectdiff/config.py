@@ -76,8 +76,8 @@ def _cpu() -> RunConfig:
         preset="cpu",
         model=UNetConfig(resolution=256, unshuffle=4, base_channels=64, channel_mults=[1, 2, 2, 2], num_res_blocks=1,
                          attention_resolutions=[16, 8], num_heads=4),
-        train=TrainConfig(steps=1300, batch_size=8, lr=3e-4, warmup_steps=50, ema_decay=0.995, max_timestep=450,
-                          checkpoint_every=100, num_threads=2),
+        train=TrainConfig(steps=1100, batch_size=8, lr=3e-4, warmup_steps=50, ema_decay=0.995, max_timestep=450,
+                          checkpoint_every=100),
         score=ScoreConfig(),
     )
 

@@ -13,8 +13,8 @@ from sklearn.metrics import roc_auc_score
 
 __all__ = ["aupro", "image_auroc", "pixel_auroc"]
 
-_CHUNK = 1 << 22
-"""Pixels handled at once while walking the sorted scores; bounds the temporary memory of AUPRO."""
+_CHUNK = 1 << 21
+"""Sorted defect-free scores handled at once while building the curve; bounds AUPRO's temporary memory."""
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -43,20 +43,22 @@ def aupro(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], fpr_limit: fl
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     pairs = _validated_pairs(maps=maps, masks=masks)
-    region_ids, region_weights = _regions(masks=[mask for _, mask in pairs])
-    if region_weights.size == 1:
+    ok_scores, defect_scores, inverse_region_sizes, num_regions = _split_by_region(pairs=pairs)
+    del pairs
+    if num_regions == 0:
         raise ValueError("AUPRO is undefined: no mask has a defective region (no pixel > 0)")
-    defect_free = region_ids == 0
-    num_ok = int(np.count_nonzero(defect_free))
+    num_ok = ok_scores.size
     if num_ok == 0:
         raise ValueError("AUPRO is undefined: no mask has a defect-free pixel (every pixel > 0)")
-    scores = _concatenated_scores(pairs=pairs)
-    del pairs
-    scores, region_ids = _pixels_up_to_limit(
-        scores=scores, region_ids=region_ids, defect_free=defect_free, num_ok=num_ok, fpr_limit=fpr_limit
+    ok_scores = _sorted_ok_scores_up_to_limit(ok_scores=ok_scores, fpr_limit=fpr_limit)
+    order = np.argsort(defect_scores)
+    defect_scores = defect_scores[order]
+    overlap_from = np.zeros(defect_scores.size + 1, dtype=np.float64)
+    overlap_from[:-1] = np.cumsum(inverse_region_sizes[order][::-1])[::-1] / num_regions
+    np.clip(overlap_from, 0.0, 1.0, out=overlap_from)
+    points = _pro_curve(
+        ok_sorted=ok_scores, num_ok=num_ok, defect_sorted=defect_scores, overlap_from=overlap_from
     )
-    del defect_free
-    points = _pro_curve(scores=scores, region_ids=region_ids, region_weights=region_weights, num_ok=num_ok)
     area = _area_up_to(points=points, x_limit=fpr_limit)
     return float(np.clip(area / fpr_limit, 0.0, 1.0))
 
@@ -113,10 +115,14 @@ def _check_real(array: np.ndarray, what: str) -> None:
         raise TypeError(f"{what} must hold real numbers, got dtype {array.dtype}")
 
 
+def _score_dtype(pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.dtype:
+    """float32 unless some map needs float64 to keep its scores (and so its ties) exact."""
+    return np.result_type(np.float32, *[score_map.dtype for score_map, _ in pairs])
+
+
 def _concatenated_scores(pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """All scores in one flat array, float32 unless a map needs float64 to stay exact."""
-    dtype = np.result_type(np.float32, *[score_map.dtype for score_map, _ in pairs])
-    scores = np.empty(sum(score_map.size for score_map, _ in pairs), dtype=dtype)
+    """All scores in one flat array."""
+    scores = np.empty(sum(score_map.size for score_map, _ in pairs), dtype=_score_dtype(pairs=pairs))
     offset = 0
     for score_map, _ in pairs:
         scores[offset : offset + score_map.size] = score_map.ravel()
@@ -124,74 +130,84 @@ def _concatenated_scores(pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarr
     return scores
 
 
-def _regions(masks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Global region id of every pixel (0 for defect-free) and each id's PRO weight, 1/size/num_regions.
+def _split_by_region(
+    pairs: list[tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Split pixels into defect-free scores and defect scores, with 1/region size per defect pixel.
 
-    Regions are 8-connected components, numbered across all images; weight[0] is 0.
+    Regions are the 8-connected components of each mask; also returns their count over all images.
     """
-    total = sum(mask.size for mask in masks)
-    region_ids = np.empty(total, dtype=np.int32 if total < 2**31 else np.int64)
-    sizes = []
-    offset = 0
+    dtype = _score_dtype(pairs=pairs)
+    ok_counts = [mask.size - int(np.count_nonzero(mask)) for _, mask in pairs]
+    ok_scores = np.empty(sum(ok_counts), dtype=dtype)
+    defect_scores = []
+    inverse_sizes = []
     num_regions = 0
-    for mask in masks:
+    offset = 0
+    for (score_map, mask), ok_count in zip(pairs, ok_counts):
+        ok_scores[offset : offset + ok_count] = score_map[~mask]
+        offset += ok_count
         labelled, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
-        ids = region_ids[offset : offset + mask.size]
-        ids[...] = labelled.ravel()
-        ids[ids > 0] += num_regions
-        sizes.append(np.bincount(labelled.ravel(), minlength=count + 1)[1:])
+        region_of_pixel = labelled[mask]
+        sizes = np.bincount(region_of_pixel, minlength=count + 1)
+        defect_scores.append(score_map[mask].astype(dtype, copy=False))
+        inverse_sizes.append(1.0 / sizes[region_of_pixel])
         num_regions += count
-        offset += mask.size
-    weights = np.zeros(num_regions + 1, dtype=np.float64)
-    if num_regions:
-        weights[1:] = 1.0 / np.concatenate(sizes) / num_regions
-    return region_ids, weights
+    return ok_scores, np.concatenate(defect_scores), np.concatenate(inverse_sizes), num_regions
 
 
-def _pixels_up_to_limit(
-    scores: np.ndarray, region_ids: np.ndarray, defect_free: np.ndarray, num_ok: int, fpr_limit: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Drop pixels scoring below every threshold that the curve up to ``fpr_limit`` needs.
+def _sorted_ok_scores_up_to_limit(ok_scores: np.ndarray, fpr_limit: float) -> np.ndarray:
+    """Defect-free scores in ascending order, without those below every threshold needed up to ``fpr_limit``.
 
-    The cutoff is a defect-free score low enough that the FPR there exceeds the limit by more
-    than one pixel; every pixel at or above it is kept, so the curve up to the first point past
-    the limit is unchanged while far fewer pixels have to be sorted.
+    The kept scores are all those at or above a cutoff where the FPR exceeds the limit by more
+    than one pixel, so the count of defect-free pixels at or above any kept score stays exact
+    and the curve up to its first point past the limit is unchanged. Reorders ``ok_scores``.
     """
-    needed = int(np.floor(fpr_limit * num_ok)) + 2
-    if needed >= num_ok:
-        return scores, region_ids
-    ok_scores = scores[defect_free]
-    kth = num_ok - needed
-    ok_scores.partition(kth)
-    keep = scores >= ok_scores[kth]
-    return scores[keep], region_ids[keep]
+    needed = int(np.floor(fpr_limit * ok_scores.size)) + 2
+    if needed < ok_scores.size:
+        kth = ok_scores.size - needed
+        ok_scores.partition(kth)
+        ok_scores = ok_scores[ok_scores >= ok_scores[kth]]
+    ok_scores.sort()
+    return ok_scores
 
 
 def _pro_curve(
-    scores: np.ndarray, region_ids: np.ndarray, region_weights: np.ndarray, num_ok: int
+    ok_sorted: np.ndarray, num_ok: int, defect_sorted: np.ndarray, overlap_from: np.ndarray
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (FPR, PRO) points in order of descending threshold, chunk by chunk, then the end point (1, 1).
+    """Yield the (FPR, PRO) curve in order of descending threshold, chunk by chunk, then the end point (1, 1).
 
-    A point is taken only at the last pixel of each run of equal scores, so ties form one step.
+    ``ok_sorted`` holds, ascending, every defect-free score at or above its smallest one;
+    ``overlap_from[i]`` is the PRO of the defect pixels ``defect_sorted[i:]``. Each distinct
+    defect-free score u gives two points: just above u (defect pixels > u, FPR unchanged) and
+    at u (all pixels >= u). Thresholds at defect-only scores in between lie on the vertical
+    segment joining those points, so the area equals that of the curve over every distinct
+    score with ties merged.
     """
-    order = np.argsort(scores)
-    false_positives = 0
-    overlap = 0.0
-    for stop in range(scores.size, 0, -_CHUNK):
+    total = ok_sorted.size
+    previous_fpr = 0.0
+    for stop in range(total, 0, -_CHUNK):
         start = max(stop - _CHUNK, 0)
-        chunk = order[start:stop][::-1]
-        chunk_scores = scores[chunk]
-        chunk_ids = region_ids[chunk]
-        last_of_run = np.empty(chunk.size, dtype=bool)
-        np.not_equal(chunk_scores[:-1], chunk_scores[1:], out=last_of_run[:-1])
-        last_of_run[-1] = start == 0 or chunk_scores[-1] != scores[order[start - 1]]
-        fp = np.cumsum(chunk_ids == 0, dtype=np.int64)
-        fp += false_positives
-        pro = np.cumsum(region_weights[chunk_ids])
-        pro += overlap
-        false_positives = int(fp[-1])
-        overlap = float(pro[-1])
-        yield fp[last_of_run] / num_ok, np.clip(pro[last_of_run], 0.0, 1.0)
+        low = max(start - 1, 0)
+        window = ok_sorted[low:stop]
+        run_starts = np.flatnonzero(window[1:] != window[:-1]) + (low + 1)
+        if start == 0:
+            run_starts = np.concatenate((np.zeros(1, dtype=run_starts.dtype), run_starts))
+        if run_starts.size == 0:
+            continue
+        values = ok_sorted[run_starts]
+        at_fpr = ((total - run_starts) / num_ok)[::-1]
+        at_pro = overlap_from[np.searchsorted(defect_sorted, values, side="left")][::-1]
+        above_pro = overlap_from[np.searchsorted(defect_sorted, values, side="right")][::-1]
+        fprs = np.empty(2 * values.size, dtype=np.float64)
+        pros = np.empty_like(fprs)
+        fprs[0] = previous_fpr
+        fprs[2::2] = at_fpr[:-1]
+        fprs[1::2] = at_fpr
+        pros[0::2] = above_pro
+        pros[1::2] = at_pro
+        previous_fpr = at_fpr[-1]
+        yield fprs, pros
     yield np.ones(1), np.ones(1)
 
 

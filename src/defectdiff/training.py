@@ -30,6 +30,7 @@ from .scoring import MODEL_FORMAT, calibrate
 from .storage import CheckpointError, atomic_save, atomic_write_json, atomic_write_text, load_checkpoint
 
 CHECKPOINT_FORMAT = "defectdiff-checkpoint-v1"
+RESUMABLE_CHANGES = ("train.steps:", "train.num_threads:")
 
 
 class RunFolderError(ValueError):
@@ -87,7 +88,7 @@ def _prepare_folder(out: Path, config: RunConfig, *, resume: bool, overwrite: bo
         if not config_path.exists():
             raise RunFolderError(f"{out}: nothing to resume (no config.yaml)")
         saved = load_yaml(config_path)
-        changed = [d for d in differences(saved, config) if not d.startswith("train.steps:")]
+        changed = [d for d in differences(saved, config) if not d.startswith(RESUMABLE_CHANGES)]
         if changed:
             raise RunFolderError(f"{out}: the saved run's config differs from this one: " + "; ".join(changed))
         return
@@ -135,7 +136,7 @@ def check_config_matches(saved: dict[str, Any], config: RunConfig, *, path: Path
         raise CheckpointError(f"{path}: checkpoint config unreadable: {error}") from error
     changed = differences(saved_config, config)
     if ignore_steps:
-        changed = [d for d in changed if not d.startswith("train.steps:")]
+        changed = [d for d in changed if not d.startswith(RESUMABLE_CHANGES)]
     if changed:
         raise CheckpointError(f"{path}: checkpoint was made with another config: " + "; ".join(changed))
 
