@@ -188,7 +188,12 @@ class Model:
 def load_model(path: Path) -> Model:
     """Load ``model.pt`` (or a run folder holding it) safely (weights only)."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run folder or model.pt")
     if path.is_dir():
+        if not (path / "model.pt").is_file():
+            raise CheckpointError(f"{path}: run folder has no model.pt (training unfinished? "
+                                  "continue it with `defectdiff train ... --resume`)")
         path = path / "model.pt"
     data = load_checkpoint(path)
     if data.get("format") != MODEL_FORMAT:

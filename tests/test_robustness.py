@@ -1,0 +1,116 @@
+"""Robustness of whole runs: odd sets, broken maps, the command line's errors, atomic writes."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from defectdiff import api
+from defectdiff.cli import main
+from defectdiff.data import test_samples as list_test_samples
+from defectdiff.evaluation import score_samples, set_metrics
+from defectdiff.scoring import load_model
+from defectdiff.storage import atomic_save, atomic_write_text
+from defectdiff.synthetic import make_dataset
+
+
+def test_test_set_with_only_good_images_reports_undefined_metrics(tiny_run: Path, synthetic_root: Path,
+                                                                  tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root / "surface", root / "surface")
+    for defect in ("blob", "scratch", "spot"):
+        shutil.rmtree(root / "surface" / "test" / defect)
+        shutil.rmtree(root / "surface" / "ground_truth" / defect)
+    metrics, table = api.test(run=tiny_run, data=root, category="surface", out=tmp_path / "out", progress=False)
+    overall = metrics["overall"]
+    assert overall["pixel_auroc"] is None and overall["aupro"] is None and overall["image_auroc"] is None
+    assert "defective region" in overall["undefined"]["pixel_auroc"]
+    assert "n/a" in table
+    assert len(list((tmp_path / "out" / "anomaly_maps").rglob("*.tiff"))) == 6
+
+
+def test_test_set_with_only_defects_still_gives_pixel_metrics(tiny_run: Path, synthetic_root: Path,
+                                                              tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root / "surface", root / "surface")
+    shutil.rmtree(root / "surface" / "test" / "good")
+    metrics, _ = api.test(run=tiny_run, data=root, category="surface", out=tmp_path / "out", progress=False)
+    assert metrics["overall"]["image_auroc"] is None
+    assert "one" in metrics["overall"]["undefined"]["image_auroc"].lower()
+    assert 0.0 <= metrics["overall"]["pixel_auroc"] <= 1.0 and 0.0 <= metrics["overall"]["aupro"] <= 1.0
+
+
+def test_constant_maps_give_chance_level_metrics() -> None:
+    masks = [np.zeros((8, 8), bool), np.zeros((8, 8), bool)]
+    masks[1][2:4, 2:4] = True
+    result = set_metrics(maps=[np.ones((8, 8))] * 2, masks=masks, scores=[1.0, 1.0], labels=[0, 1])
+    assert result["pixel_auroc"] == 0.5 and result["image_auroc"] == 0.5
+    assert result["aupro"] == pytest.approx(0.15)
+
+
+def test_nan_in_a_map_names_the_image(tiny_run: Path, synthetic_root: Path) -> None:
+    model = load_model(tiny_run)
+    with torch.no_grad():
+        model.unet.out_conv.bias.fill_(float("nan"))
+    samples = list_test_samples(synthetic_root, "surface")[:2]
+    with pytest.raises(ValueError, match=str(samples[0].image_path)):
+        score_samples(model, samples, progress=False)
+
+
+def test_train_set_of_one_image(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "data", size=64, train=1, test_good=2, test_per_defect=2, defects=("blob",)).parent
+    api.train(data=root, category="surface", preset="tiny", steps=3, out=tmp_path / "run", progress=False)
+    metrics, _ = api.test(run=tmp_path / "run", progress=False)
+    assert 0.0 <= metrics["overall"]["pixel_auroc"] <= 1.0
+
+
+def test_cli_errors_are_one_line_naming_the_problem(tmp_path: Path, synthetic_root: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    code = main(["train", "--data", str(synthetic_root), "--category", "nope", "--preset", "tiny",
+                 "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "nope" in err and "surface" in err and "Traceback" not in err
+    code = main(["test", "--run", str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.pt" in err and "Traceback" not in err
+    code = main(["predict", "--run", str(tmp_path / "missing"), str(tmp_path / "x.png"), "--out", str(tmp_path)])
+    assert code == 2
+
+
+def test_cli_refuses_a_malicious_model_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (tmp_path / "run").mkdir()
+    torch.save({"format": "defectdiff-model-v1", "x": Payload()}, tmp_path / "run" / "model.pt")
+    code = main(["test", "--run", str(tmp_path / "run")])
+    assert code == 2 and "refused" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_predict_on_a_corrupt_image_names_it_and_writes_nothing(tiny_run: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "in" / "broken.png"
+    bad.parent.mkdir()
+    bad.write_text("not an image")
+    code = main(["predict", "--run", str(tiny_run), str(bad.parent), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_atomic_write_keeps_the_previous_file(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.json"
+    atomic_write_text(path, "old")
+
+    def explode(obj: object, tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_save(path, {"a": 1}, save=explode)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
