@@ -234,7 +234,12 @@ def train(
             for p_ema, p in zip(ema.parameters(), model.parameters()):
                 p_ema.lerp_(p, 1.0 - config.train.ema_decay)
         done = step + 1
-        record = {"step": done, "loss": loss.item(), "mse": mse.item(), "vb": vb.item(), "feature": feat_mse.item(),
+        terms = torch.stack([loss.detach(), mse.detach(), vb.detach(), feat_mse.detach()])
+        if world > 1:
+            dist.all_reduce(terms)
+            terms /= world
+        loss_v, mse_v, vb_v, feat_v = terms.tolist()
+        record = {"step": done, "loss": loss_v, "mse": mse_v, "vb": vb_v, "feature": feat_v,
                   "grad_norm": float(grad_norm), "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
         bar.set_postfix(loss=f"{record['loss']:.4f}", mse=f"{record['mse']:.4f}", feat=f"{record['feature']:.3f}")
         if rank == 0:
