@@ -31,6 +31,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     seed: int = 0
     num_threads: int = 0
+    bf16: bool = False
 
 
 @dataclass
@@ -76,8 +77,8 @@ def _cpu() -> RunConfig:
         preset="cpu",
         model=UNetConfig(resolution=256, unshuffle=4, base_channels=64, channel_mults=[1, 2, 2, 2], num_res_blocks=1,
                          attention_resolutions=[16, 8], num_heads=4),
-        train=TrainConfig(steps=1100, batch_size=8, lr=3e-4, warmup_steps=50, ema_decay=0.995, max_timestep=450,
-                          checkpoint_every=100),
+        train=TrainConfig(steps=2200, batch_size=8, lr=3e-4, warmup_steps=50, ema_decay=0.995, max_timestep=450,
+                          checkpoint_every=100, bf16=True),
         score=ScoreConfig(),
     )
 
@@ -88,7 +89,7 @@ def _paper() -> RunConfig:
         model=UNetConfig(resolution=256, unshuffle=1, base_channels=256, channel_mults=[1, 1, 2, 2, 4, 4],
                          num_res_blocks=2, attention_resolutions=[32, 16, 8], num_heads=4, dropout=0.0),
         train=TrainConfig(steps=10000, batch_size=2, lr=1e-4, warmup_steps=0, weight_decay=0.0, ema_decay=0.997,
-                          max_timestep=1000, checkpoint_every=1000),
+                          max_timestep=1000, checkpoint_every=1000, bf16=True),
         score=ScoreConfig(),
     )
 

@@ -180,7 +180,8 @@ def train(
     targets = ((features - feature_mean[None, :, None, None]) / feature_std[None, :, None, None]).half()
     del features
 
-    model = UNet(config.model)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    model = UNet(config.model).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     start = 0
@@ -198,7 +199,7 @@ def train(
         start = int(state["step"])
     train_model: torch.nn.Module = model
     if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(model)
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     schedule = make_schedule()
     log_path = out / "log.jsonl"
@@ -215,13 +216,15 @@ def train(
         t = torch.randint(config.train.max_timestep, (config.train.batch_size,), generator=generator)
         noise = torch.randn((config.train.batch_size, 3, res, res), generator=generator)
         shard = slice(rank * local_batch, (rank + 1) * local_batch)
-        idx, t, noise = idx[shard], t[shard], noise[shard]
-        x0 = images[idx] * 2.0 - 1.0
+        idx, t, noise = idx[shard], t[shard].to(device), noise[shard].to(device)
+        x0 = images[idx].to(device) * 2.0 - 1.0
         xt = q_sample(schedule, x0=x0, index=t, noise=noise)
-        eps, var_interp, feat = train_model(xt, t)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=config.train.bf16):
+            eps, var_interp, feat = train_model(xt, t)
+        eps, var_interp, feat = eps.float(), var_interp.float(), feat.float()
         mse = ((eps - noise) ** 2).mean()
         vb = vb_term(schedule, x0=x0, xt=xt, index=t, eps=eps.detach(), var_interp=var_interp).mean()
-        feat_mse = ((feat - targets[idx].float()) ** 2).mean()
+        feat_mse = ((feat - targets[idx].to(device).float()) ** 2).mean()
         loss = mse + config.train.vb_weight * vb + config.train.feature_weight * feat_mse
         lr = learning_rate(config, step)
         for group in optimizer.param_groups:
@@ -253,7 +256,7 @@ def train(
     if end < config.train.steps:
         return last_path
     if rank == 0:
-        ema.eval()
+        ema = ema.cpu().eval()
         calibration = calibrate(ema, backbone=backbone, config=config, images=images, samples=samples,
                                 feature_mean=feature_mean, feature_std=feature_std)
         atomic_save(out / "model.pt", {
