@@ -24,10 +24,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int)
+    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast even where the preset uses it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = preset(args.preset)
     batch = args.batch or config.train.batch_size
+    bf16 = config.train.bf16 and not args.fp32
     res = config.model.resolution
     model = UNet(config.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
@@ -40,7 +42,9 @@ def main() -> None:
         t = torch.randint(config.train.max_timestep, (batch,))
         noise = torch.randn_like(x0)
         xt = q_sample(schedule, x0=x0, index=t, noise=noise)
-        eps, var, feat = model(xt, t)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
+            eps, var, feat = model(xt, t)
+        eps, var, feat = eps.float(), var.float(), feat.float()
         loss = ((eps - noise) ** 2).mean() + vb_term(schedule, x0=x0, xt=xt, index=t, eps=eps.detach(),
                                                      var_interp=var).mean() + ((feat - target) ** 2).mean()
         optimizer.zero_grad()
@@ -49,7 +53,7 @@ def main() -> None:
         times.append(time.perf_counter() - start)
     print(json.dumps({
         "preset": args.preset, "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-        "batch": batch, "resolution": res, "threads": args.threads,
+        "batch": batch, "resolution": res, "threads": args.threads, "bf16": bf16,
         "seconds_per_step_median": round(statistics.median(times[1:]), 2),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))
 
