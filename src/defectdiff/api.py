@@ -8,6 +8,7 @@ from typing import Any, Sequence
 from . import evaluation, training
 from .config import load_yaml, preset as named_preset
 from .data import test_samples
+from .reconstruction import ReconstructionSettings, reconstruct_files
 from .scoring import Model, load_model
 from .storage import atomic_write_text
 from .synthetic import make_dataset
@@ -70,4 +71,31 @@ def demo(*, out: Path = Path("defectdiff-demo"), steps: int = 300, progress: boo
     return table, out
 
 
-__all__ = ["Model", "demo", "load_model", "predict", "test", "train"]
+def bench(*, data: Path, categories: Sequence[str], methods: Sequence[str] = ("ours", "padim", "spade"),
+          preset: str = "cpu", out: Path, runs: dict[str, Path] | None = None, steps: int | None = None,
+          threads: int | None = None, progress: bool = True) -> tuple[dict[str, Any], str]:
+    """Benchmark our model against PaDiM and SPADE per category; writes table.md and table.csv into
+    ``out``; returns (results[category][method] = metrics, Markdown table)."""
+    from .benchmark import run_benchmark  # benchmark builds on train and test above
+
+    return run_benchmark(data=data, categories=categories, methods=methods, preset=preset, out=out, runs=runs,
+                         steps=steps, threads=threads, progress=progress)
+
+
+def reconstruct(*, run: Path, inputs: Sequence[Path], out: Path, loops: int = 100, step_size: float = 0.02,
+                denoise_every: int = 5, denoise_t: int = 32) -> list[tuple[Path, Path, Path]]:
+    """Gradient-denoise images with a run's model and PaDiM; returns (input, reconstruction PNG, panel PNG)."""
+    settings = ReconstructionSettings(loops=loops, step_size=step_size, denoise_every=denoise_every,
+                                      denoise_t=denoise_t)
+    return reconstruct_files(run, inputs, out=out, settings=settings)
+
+
+def sweep_alpha(*, run: Path, alphas: Sequence[float], test_dir: Path | None = None,
+                out: Path | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Metrics of a finished test for each alpha from its cached maps, without running the model."""
+    from .benchmark import sweep_alpha as sweep
+
+    return sweep(run=run, alphas=alphas, test_dir=test_dir, out=out)
+
+
+__all__ = ["Model", "bench", "demo", "load_model", "predict", "reconstruct", "sweep_alpha", "test", "train"]

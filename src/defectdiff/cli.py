@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .api import demo, predict, test, train
+from .api import bench, demo, predict, reconstruct, sweep_alpha, test, train
+from .benchmark import RUNNABLE, parse_list, parse_runs
 from .config import PRESETS
 from .data import DataError
 from .storage import CheckpointError
@@ -55,15 +56,64 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="compare our model with PaDiM and SPADE per category (table.md, table.csv)")
+    p.add_argument("--data", required=True, type=Path, help="dataset root holding category folders")
+    p.add_argument("--categories", required=True, help="comma-separated categories, e.g. bottle,hazelnut")
+    p.add_argument("--methods", default=",".join(RUNNABLE),
+                   help=f"comma-separated methods (default {','.join(RUNNABLE)})")
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
+                   help="preset of our model (default cpu); its resolution is used for every method")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output folder: runs/, <category>/<method>/, table.md, table.csv")
+    p.add_argument("--runs", help="trained runs to use instead of training: CATEGORY=RUN_DIR,...")
+    p.add_argument("--steps", type=int, help="override the preset's number of training steps")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (use 1 beside other jobs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reconstruct",
+                       help="remove defects by gradient denoising; writes reconstructions and Figure-4 panels")
+    p.add_argument("--run", required=True, type=Path, help="run folder made by `defectdiff train`")
+    p.add_argument("inputs", nargs="+", type=Path, help="image files or folders of images")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--loops", type=int, default=100, help="gradient steps (default 100)")
+    p.add_argument("--step-size", type=float, default=0.02, help="gradient step size s (default 0.02)")
+    p.add_argument("--denoise-every", type=int, default=5,
+                   help="one model step after every N gradient steps (default 5)")
+    p.add_argument("--denoise-t", type=int, default=32, help="diffusion step t of the model step (default 32)")
+
+
+def _add_sweep_alpha(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep-alpha", help="metrics of a finished test for several alphas, from its cached maps")
+    p.add_argument("--run", required=True, type=Path, help="run folder made by `defectdiff train`")
+    p.add_argument("--test-dir", type=Path, help="folder of a `defectdiff test` (default: RUN/test)")
+    p.add_argument("--alphas", default="0,0.25,0.5,0.75,1",
+                   help="comma-separated alphas in [0, 1] (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--out", type=Path, help="output folder (default: the test folder)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="defectdiff",
         description="Find and outline defects in images of parts with a diffusion model trained on good parts only.")
     parser.add_argument("--version", action="version", version=f"defectdiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_train, _add_test, _add_predict, _add_demo):
+    for add in (_add_train, _add_test, _add_predict, _add_demo, _add_bench, _add_reconstruct, _add_sweep_alpha):
         add(sub)
     return parser
+
+
+def _floats(text: str) -> list[float]:
+    """'0,0.5,1' -> [0.0, 0.5, 1.0]; a ValueError names the item that is not a number."""
+    values = []
+    for item in parse_list(text):
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise ValueError(f"{item!r} is not a number") from None
+    return values
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,6 +139,22 @@ def run(args: argparse.Namespace) -> int:
         table, out = demo(out=args.out, steps=args.steps, progress=progress)
         print(table)
         print(f"demo results in {out.resolve()}: metrics.json, scores.csv, overlays/ under {out / 'run' / 'test'}")
+    elif args.command == "bench":
+        _, table = bench(data=args.data, categories=parse_list(args.categories), methods=parse_list(args.methods),
+                         preset=args.preset, out=args.out, runs=parse_runs(args.runs), steps=args.steps,
+                         threads=args.threads, progress=progress)
+        print(table)
+        print(f"results in {args.out} (table.md, table.csv, <category>/<method>/metrics.json)")
+    elif args.command == "reconstruct":
+        written = reconstruct(run=args.run, inputs=args.inputs, out=args.out, loops=args.loops,
+                              step_size=args.step_size, denoise_every=args.denoise_every, denoise_t=args.denoise_t)
+        for source, recon, panel in written:
+            print(f"{source} -> {recon}, {panel}")
+    elif args.command == "sweep-alpha":
+        _, table = sweep_alpha(run=args.run, alphas=_floats(args.alphas), test_dir=args.test_dir, out=args.out)
+        print(table)
+        print(f"results in {args.out or args.test_dir or args.run / 'test'} (alpha_sweep.md, alpha_sweep.csv, "
+              "alpha_sweep.png with matplotlib)")
     return 0
 
 
