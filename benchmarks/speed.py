@@ -102,6 +102,9 @@ def main() -> None:
     model.unet.to(memory_format=torch.channels_last)
     add("ours (channels_last)", ours, ours_flops)
     model.unet.to(memory_format=torch.contiguous_format)
+    model.config.score.bf16 = True
+    add("ours (bf16 autocast)", ours, ours_flops)
+    model.config.score.bf16 = False
 
     train_images = load_images(train_samples(root, category), resolution=res)
     for method in (PaDiM(backbone=model.backbone), SPADE(backbone=model.backbone)):

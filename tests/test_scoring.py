@@ -57,3 +57,15 @@ def test_top_k_scales_with_area() -> None:
     assert top_k_score(maps, top_k=64).item() == pytest.approx(expected.item())
     small = torch.arange(64 * 64, dtype=torch.float32).reshape(1, 64, 64)
     assert top_k_score(small, top_k=64).item() == pytest.approx(torch.arange(4092, 4096).float().mean().item())
+
+
+def test_bf16_scoring_stays_close_to_fp32(tiny_run: Path, synthetic_root: Path) -> None:
+    model = load_model(tiny_run)
+    samples = list_test_samples(synthetic_root, "surface")[:6]
+    full = score_samples(model, samples, progress=False)
+    model.config.score.bf16 = True
+    half = score_samples(model, samples, progress=False)
+    for name in ("pixel", "feature"):
+        a, b = getattr(full, name).ravel(), getattr(half, name).ravel()
+        assert not np.array_equal(a, b), "autocast had no effect"
+        assert np.corrcoef(a, b)[0, 1] > 0.95, name

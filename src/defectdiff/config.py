@@ -47,6 +47,7 @@ class ScoreConfig:
     batch_size: int = 4
     calibration_images: int = 32
     seed: int = 0
+    bf16: bool = False
 
 
 @dataclass

@@ -107,7 +107,9 @@ def raw_maps(
     index = torch.tensor(indices).repeat(b)
     t = torch.as_tensor(schedule.timesteps[index.numpy()])
     xt = q_sample(schedule, x0=x0, index=index, noise=noise.reshape(b * k, 3, res, res))
-    eps, var_interp, feat_pred = unet(xt, t)
+    with torch.autocast(device_type=xt.device.type, dtype=torch.bfloat16, enabled=score.bf16):
+        eps, var_interp, feat_pred = unet(xt, t)
+    eps, var_interp, feat_pred = eps.float(), var_interp.float(), feat_pred.float()
 
     true_mean, true_log_var = q_posterior(schedule, x0=x0, xt=xt, index=index)
     mean, log_var, _ = p_mean_variance(schedule, xt=xt, index=index, eps=eps, var_interp=var_interp)
