@@ -20,7 +20,10 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 def pixel_auroc(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> float:
-    """Area under the ROC curve of all pixels of all images pooled, defective pixels being positives."""
+    """Area under the ROC curve of all pixels of all images pooled, defective pixels being positives.
+
+    Computed exactly by ranks (equal to scikit-learn's roc_auc_score, which the tests check) because
+    its full argsort of every pixel takes over a minute at MVTec's original sizes."""
     pairs = _validated_pairs(maps=maps, masks=masks)
     scores = _concatenated_scores(pairs=pairs)
     defective = np.concatenate([mask.ravel() for _, mask in pairs])
@@ -28,7 +31,16 @@ def pixel_auroc(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> floa
         raise ValueError("pixel AUROC is undefined: no mask has a defective region (no pixel > 0)")
     if defective.all():
         raise ValueError("pixel AUROC is undefined: no mask has a defect-free pixel (every pixel > 0)")
-    return float(roc_auc_score(defective, scores))
+    return _rank_auroc(positives=scores[defective], negatives=scores[~defective])
+
+
+def _rank_auroc(*, positives: np.ndarray, negatives: np.ndarray) -> float:
+    """Exact ROC AUC as the Mann-Whitney statistic, ties counted half: one sort of the negatives and a
+    binary search per positive, instead of a full argsort of every pixel (tens of millions at 900x900)."""
+    negatives = np.sort(negatives)
+    below = np.searchsorted(negatives, positives, side="left").sum(dtype=np.float64)
+    tied = np.searchsorted(negatives, positives, side="right").sum(dtype=np.float64) - below
+    return float((below + 0.5 * tied) / (float(positives.size) * float(negatives.size)))
 
 
 def aupro(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], fpr_limit: float = 0.3) -> float:
