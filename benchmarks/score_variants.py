@@ -67,8 +67,7 @@ def main() -> None:
         scored = score_samples(model, samples, progress=False)
         raw = RawMaps(pixel=torch.from_numpy(scored.pixel), feature=torch.from_numpy(scored.feature))
         row = {"score_seconds": round(time.perf_counter() - start, 1)}
-        calibration = calibrate(model.unet, backbone=model.backbone, config=model.config, images=train_images,
-                                samples=train, feature_mean=model.feature_mean, feature_std=model.feature_std)
+        calibration = calibrate(model.unet, backbone=model.backbone, config=model.config, images=train_images, feature_mean=model.feature_mean, feature_std=model.feature_std)
         for alpha in (1.0, 0.0, 0.25, 0.5):
             maps = combine(raw, calibration=calibration, alpha=alpha)
             row[f"alpha={alpha}"] = evaluate(maps, masks, labels, base.top_k)

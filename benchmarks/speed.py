@@ -58,7 +58,7 @@ def flops_of(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def separate_passes(model, images: torch.Tensor, names: list[str]) -> RawMaps:
+def separate_passes(model, images: torch.Tensor) -> RawMaps:
     """The slow way, for comparison: one UNet pass per scored timestep."""
     maps = []
     for t in model.config.score.timesteps:
@@ -66,7 +66,7 @@ def separate_passes(model, images: torch.Tensor, names: list[str]) -> RawMaps:
         single.score.timesteps = [t]
         maps.append(type(model)(config=single, unet=model.unet, backbone=model.backbone,
                                 feature_mean=model.feature_mean, feature_std=model.feature_std,
-                                calibration=model.calibration).raw_maps(images, names=names))
+                                calibration=model.calibration).raw_maps(images))
     return maps[-1]
 
 
@@ -83,7 +83,6 @@ def main() -> None:
     root, category = Path(model.config.data_root), model.config.category
     res = model.config.model.resolution
     images = load_images(test_samples(root, category)[: args.batch], resolution=res)
-    names = [f"img{i}" for i in range(len(images))]
     rate = matmul_rate()
     rows = []
 
@@ -95,10 +94,10 @@ def main() -> None:
                      "floor_images_per_second": round(1 / floor, 2), "fraction_of_floor": round(ips * floor, 3)})
         print(json.dumps(rows[-1]), flush=True)
 
-    ours = lambda: model.raw_maps(images, names=names)  # noqa: E731
+    ours = lambda: model.raw_maps(images)  # noqa: E731
     ours_flops = flops_of(ours) / len(images)
     add("ours (one batched pass, all timesteps)", ours, ours_flops)
-    add("ours (a pass per timestep)", lambda: separate_passes(model, images, names), ours_flops)
+    add("ours (a pass per timestep)", lambda: separate_passes(model, images), ours_flops)
     model.unet.to(memory_format=torch.channels_last)
     add("ours (channels_last)", ours, ours_flops)
     model.unet.to(memory_format=torch.contiguous_format)

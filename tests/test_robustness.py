@@ -114,3 +114,56 @@ def test_failed_atomic_write_keeps_the_previous_file(tmp_path: Path) -> None:
         atomic_save(path, {"a": 1}, save=explode)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_bad_settings_and_bad_training_images_leave_no_run_folder(synthetic_root: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    base = ["train", "--data", str(synthetic_root), "--category", "surface", "--preset", "tiny", "--quiet"]
+    assert main(base + ["--steps", "0", "--out", str(tmp_path / "zero")]) == 2
+    assert "train.steps = 0" in capsys.readouterr().err
+    assert main(base + ["--threads", "-2", "--out", str(tmp_path / "threads")]) == 2
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root / "surface", root / "surface")
+    (root / "surface" / "train" / "good" / "zzz.png").write_text("not an image")
+    assert main(["train", "--data", str(root), "--category", "surface", "--preset", "tiny",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "zzz.png" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("zero", "threads", "bad"))
+    (tmp_path / "file").write_text("x")
+    assert main(base + ["--out", str(tmp_path / "file")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_score_depends_on_pixels_not_on_name_or_position(tiny_run: Path, synthetic_root: Path,
+                                                         tmp_path: Path) -> None:
+    source = next((synthetic_root / "surface" / "test" / "blob").glob("*.png"))
+    for name in ("a.png", "zz.png"):
+        shutil.copy(source, tmp_path / name)
+    results = api.predict(run=tiny_run, inputs=[tmp_path / "a.png", source, tmp_path / "zz.png", source],
+                          out=tmp_path / "out", progress=False)
+    scores = [score for _, score in results]
+    assert max(scores) - min(scores) < 1e-6
+    assert sorted(p.name for p in (tmp_path / "out" / "anomaly_maps").iterdir()) == [
+        "a.tiff", "blob_000_1.tiff", "blob_000_2.tiff", "zz.tiff"]
+
+
+def test_earlier_results_are_replaced_only_with_overwrite(tiny_run: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    source = next(Path(load_model(tiny_run).config.data_root).glob("surface/test/good/*.png"))
+    out = tmp_path / "out"
+    assert main(["predict", "--run", str(tiny_run), str(source), str(source.with_name("001.png")),
+                 "--out", str(out), "--quiet"]) == 0
+    assert main(["predict", "--run", str(tiny_run), str(source), "--out", str(out), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["predict", "--run", str(tiny_run), str(source), "--out", str(out), "--overwrite", "--quiet"]) == 0
+    assert len(list((out / "anomaly_maps").iterdir())) == 1
+    assert main(["test", "--run", str(tiny_run), "--alpha", "2", "--out", str(tmp_path / "t")]) == 2
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_model_file_that_is_not_a_checkpoint_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.pt").write_text("hello")
+    assert main(["test", "--run", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "not a PyTorch checkpoint" in err and "model.pt" in err

@@ -36,34 +36,42 @@ def train(*, data: Path, category: str, preset: str = "cpu", out: Path, steps: i
 
 
 def test(*, run: Path, data: Path | None = None, category: str | None = None, out: Path | None = None,
-         alpha: float | None = None, bf16: bool = False, progress: bool = True) -> tuple[dict[str, Any], str]:
+         alpha: float | None = None, bf16: bool = False, overwrite: bool = False,
+         progress: bool = True) -> tuple[dict[str, Any], str]:
     """Test a trained run on a labelled set (default: the one it was trained on); returns (metrics, table).
 
-    ``bf16`` runs the UNet under bfloat16 autocast (faster on CPUs with AMX and on GPUs)."""
+    ``bf16`` runs the UNet under bfloat16 autocast (faster on CPUs with AMX and on GPUs). Earlier
+    results in ``out`` (default RUN/test) are replaced only with ``overwrite``."""
     model = load_model(run)
     model.config.score.bf16 = bf16 or model.config.score.bf16
     root = Path(data) if data is not None else Path(model.config.data_root)
     name = category or model.config.category
     samples = test_samples(root, name)
     out = Path(out) if out is not None else Path(run) / "test"
-    metrics = evaluation.test(model, samples, out=out, category=name, alpha=alpha, progress=progress)
+    metrics = evaluation.test(model, samples, out=out, category=name, alpha=alpha, overwrite=overwrite,
+                              progress=progress)
     table = evaluation.format_table(metrics)
     atomic_write_text(out / "table.txt", table + "\n")
     return metrics, table
 
 
-def predict(*, run: Path, inputs: Sequence[Path], out: Path, alpha: float | None = None, bf16: bool = False,
-            progress: bool = True) -> list[tuple[Path, float]]:
-    """Score images or folders of images; returns (path, score) pairs."""
+def predict(*, run: Path, inputs: Sequence[Path] | Path | str, out: Path, alpha: float | None = None,
+            bf16: bool = False, overwrite: bool = False, progress: bool = True) -> list[tuple[Path, float]]:
+    """Score images or folders of images (one path or a list); returns (path, score) pairs."""
     model = load_model(run)
     model.config.score.bf16 = bf16 or model.config.score.bf16
-    return evaluation.predict(model, inputs, out=out, alpha=alpha, progress=progress)
+    return evaluation.predict(model, inputs, out=out, alpha=alpha, overwrite=overwrite, progress=progress)
 
 
 def demo(*, out: Path = Path("defectdiff-demo"), steps: int = 300, progress: bool = True) -> tuple[str, Path]:
-    """Make a synthetic set, train the demo preset on it, test it; returns (table, out)."""
+    """Make a synthetic set, train the demo preset on it, test it; returns (table, out).
+
+    Running it again replaces the previous demo's run in ``out``; a folder that holds anything else
+    is refused."""
     out = Path(out)
     data = out / "data"
+    if out.exists() and (not out.is_dir() or set(p.name for p in out.iterdir()) - {"data", "run"}):
+        raise training.RunFolderError(f"{out}: exists and is not a demo folder; choose another --out")
     if not (data / "surface" / "train").exists():
         make_dataset(data, size=64, train=40, test_good=8, test_per_defect=6)
     config = named_preset("tiny")
@@ -72,7 +80,7 @@ def demo(*, out: Path = Path("defectdiff-demo"), steps: int = 300, progress: boo
     config.train.steps = steps
     config.train.checkpoint_every = max(50, steps // 4)
     training.train(config, out=out / "run", overwrite=True, progress=progress)
-    _, table = test(run=out / "run", progress=progress)
+    _, table = test(run=out / "run", overwrite=True, progress=progress)
     return table, out
 
 

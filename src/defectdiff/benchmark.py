@@ -125,7 +125,7 @@ def run_ours(*, data: Path, category: str, preset: str, out: Path, run: Path | N
         train_seconds, source = load_checkpoint(Path(run) / "model.pt").get("train_seconds"), "model.pt"
     _check_resolution(Path(run), resolution=resolution, preset=preset)
     folder = Path(out) / category / OURS
-    metrics, _ = api.test(run=run, data=data, category=category, out=folder, progress=progress)
+    metrics, _ = api.test(run=run, data=data, category=category, out=folder, overwrite=True, progress=progress)
     metrics.update({"method": OURS, "run": str(run), "resolution": resolution, "train_seconds": train_seconds,
                     "train_seconds_source": source})
     atomic_write_json(folder / "metrics.json", metrics)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def _add_test(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: RUN/test)")
     p.add_argument("--alpha", type=float, help="weight of the pixel map in the final map (default: the run's)")
     p.add_argument("--bf16", action="store_true", help="run the UNet under bfloat16 autocast (faster on AMX CPUs, GPUs)")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier results in the output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -48,6 +50,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--alpha", type=float, help="weight of the pixel map in the final map (default: the run's)")
     p.add_argument("--bf16", action="store_true", help="run the UNet under bfloat16 autocast (faster on AMX CPUs, GPUs)")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier results in the output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -128,12 +131,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"trained in {time.perf_counter() - start:.0f} s: {model_path}")
     elif args.command == "test":
         out = args.out or args.run / "test"
-        _, table = test(run=args.run, data=args.data, category=args.category, out=out, alpha=args.alpha, bf16=args.bf16,
+        _, table = test(run=args.run, data=args.data, category=args.category, out=out, alpha=args.alpha, bf16=args.bf16, overwrite=args.overwrite,
                         progress=progress)
         print(table)
         print(f"results in {out} (metrics.json, scores.csv, anomaly_maps/, overlays/)")
     elif args.command == "predict":
-        results = predict(run=args.run, inputs=args.inputs, out=args.out, alpha=args.alpha, bf16=args.bf16,
+        results = predict(run=args.run, inputs=args.inputs, out=args.out, alpha=args.alpha, bf16=args.bf16, overwrite=args.overwrite,
                           progress=progress)
         for path, score in results:
             print(f"{score:10.4f}  {path}")
@@ -161,19 +164,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> str:
+    return f"defectdiff: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     if args.command is None:
         parser.print_help()
         return 0
     try:
         return run(args)
-    except (DataError, CheckpointError, RunFolderError, ValueError, FileNotFoundError) as error:
+    except BrokenPipeError:
+        sys.stderr.close()
+        return 141
+    except (DataError, CheckpointError, RunFolderError, ValueError, OSError) as error:
         print(f"defectdiff {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"defectdiff {args.command}: interrupted; the last checkpoint stays readable", file=sys.stderr)
+        print(f"defectdiff {args.command}: interrupted; a finished checkpoint stays readable "
+              "(continue with --resume)", file=sys.stderr)
         return 130
 
 

@@ -105,6 +105,31 @@ def preset(name: str) -> RunConfig:
     return PRESETS[name]()
 
 
+def validate(config: RunConfig) -> None:
+    """Raise ValueError naming each setting that cannot work (before any file is written)."""
+    train, score = config.train, config.score
+    problems = []
+    for name, value, ok in (
+        ("train.steps", train.steps, train.steps >= 1),
+        ("train.batch_size", train.batch_size, train.batch_size >= 1),
+        ("train.lr", train.lr, train.lr > 0),
+        ("train.num_threads", train.num_threads, train.num_threads >= 0),
+        ("train.checkpoint_every", train.checkpoint_every, train.checkpoint_every >= 1),
+        ("train.max_timestep", train.max_timestep, 1 <= train.max_timestep <= 1000),
+        ("train.ema_decay", train.ema_decay, 0.0 <= train.ema_decay < 1.0),
+        ("score.alpha", score.alpha, 0.0 <= score.alpha <= 1.0),
+        ("score.batch_size", score.batch_size, score.batch_size >= 1),
+        ("score.top_k", score.top_k, score.top_k >= 1),
+        ("score.calibration_images", score.calibration_images, score.calibration_images >= 1),
+        ("score.smoothing_sigma", score.smoothing_sigma, score.smoothing_sigma >= 0),
+    ):
+        if not ok:
+            problems.append(f"{name} = {value!r}")
+    if problems:
+        raise ValueError("invalid settings: " + ", ".join(problems))
+    config.model.validate()
+
+
 def to_dict(config: RunConfig) -> dict[str, Any]:
     return asdict(config)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,7 @@ def score_samples(model: Model, samples: Sequence[Sample], *, progress: bool = T
     for i in range(0, len(samples), batch):
         chunk = samples[i : i + batch]
         images = torch.stack([to_tensor(s.load_image(), res) for s in chunk])
-        raw = model.raw_maps(images, names=[s.name for s in chunk])
+        raw = model.raw_maps(images)
         pixel[i : i + len(chunk)] = raw.pixel.numpy()
         feature[i : i + len(chunk)] = raw.feature.numpy()
         bar.update(len(chunk))
@@ -129,8 +130,12 @@ def _tiff_bytes(values: np.ndarray) -> bytes:
 
 
 def write_outputs(model: Model, scored: ScoredSet, *, out: Path, alpha: float, category: str,
-                  overlays: bool = True, with_masks: bool = True) -> np.ndarray:
-    """Maps as float32 TIFF at original size, overlay PNGs and scores.csv; returns image scores."""
+                  names: Sequence[str] | None = None) -> np.ndarray:
+    """Maps as float32 TIFF at original size, overlay PNGs and scores.csv; returns image scores.
+
+    A labelled test set (``names`` None) uses MVTec's layout and draws the ground truth; unlabelled
+    images are written flat as ``anomaly_maps/<name>.tiff`` and ``overlays/<name>.png``."""
+    labelled = names is None
     raw = scored.raw(slice(None))
     final = model.final_map(raw, alpha=alpha)
     scores = model.image_scores(final).numpy()
@@ -141,20 +146,30 @@ def write_outputs(model: Model, scored: ScoredSet, *, out: Path, alpha: float, c
     for i, s in enumerate(scored.samples):
         image = s.load_image()
         size = image.shape[:2]
-        stem = s.image_path.stem
-        atomic_write_bytes(out / "anomaly_maps" / category / "test" / s.defect_type / f"{stem}.tiff",
-                           _tiff_bytes(to_original_size(final[i], size=size)))
-        if overlays:
-            small = to_tensor(image, res).permute(1, 2, 0).numpy()
-            mask = s.load_mask() if with_masks else None
-            mask_small = None if mask is None else np.asarray(
-                F.interpolate(torch.from_numpy(mask)[None, None].float(), size=(res, res), mode="nearest")[0, 0]) > 0
-            panel = overlay_panel(image=small, panels=[pixel_z[i].numpy(), feature_z[i].numpy(), final[i].numpy()],
-                                  low=0.0, high=high, mask=mask_small)
-            save_png(out / "overlays" / s.defect_type / f"{stem}.png", panel)
-    rows = ["image,defect_type,label,score"] + [
-        f"{s.image_path},{s.defect_type},{s.label},{score:.6f}" for s, score in zip(scored.samples, scores)]
-    atomic_write_text(out / "scores.csv", "\n".join(rows) + "\n")
+        if labelled:
+            map_path = out / "anomaly_maps" / category / "test" / s.defect_type / f"{s.image_path.stem}.tiff"
+            overlay_path = out / "overlays" / s.defect_type / f"{s.image_path.stem}.png"
+        else:
+            map_path, overlay_path = out / "anomaly_maps" / f"{names[i]}.tiff", out / "overlays" / f"{names[i]}.png"
+        atomic_write_bytes(map_path, _tiff_bytes(to_original_size(final[i], size=size)))
+        small = to_tensor(image, res).permute(1, 2, 0).numpy()
+        mask_small = None
+        if labelled:
+            mask_small = np.asarray(F.interpolate(torch.from_numpy(s.load_mask())[None, None].float(),
+                                                  size=(res, res), mode="nearest")[0, 0]) > 0
+        panel = overlay_panel(image=small, panels=[pixel_z[i].numpy(), feature_z[i].numpy(), final[i].numpy()],
+                              low=0.0, high=high, mask=mask_small)
+        save_png(overlay_path, panel)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    if labelled:
+        writer.writerow(["image", "defect_type", "label", "score"])
+        writer.writerows([str(s.image_path), s.defect_type, s.label, f"{score:.6f}"]
+                         for s, score in zip(scored.samples, scores))
+    else:
+        writer.writerow(["image", "score"])
+        writer.writerows([str(s.image_path), f"{score:.6f}"] for s, score in zip(scored.samples, scores))
+    atomic_write_text(out / "scores.csv", buffer.getvalue())
     return scores
 
 
@@ -174,12 +189,16 @@ def load_raw_maps(path: Path) -> ScoredSet:
     """Read a cache written by :func:`save_raw_maps`."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no cached maps; run `defectdiff test` first")
-    with np.load(path, allow_pickle=False) as data:
-        samples = [Sample(image_path=Path(p), mask_path=Path(m) if m else None, label=int(lab), defect_type=str(d))
-                   for p, m, lab, d in zip(data["image_paths"], data["mask_paths"], data["labels"],
-                                           data["defect_types"])]
-        return ScoredSet(samples=samples, pixel=data["pixel"].astype(np.float32),
-                         feature=data["feature"].astype(np.float32), seconds=0.0)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            samples = [Sample(image_path=Path(p), mask_path=Path(m) if m else None, label=int(lab),
+                              defect_type=str(d))
+                       for p, m, lab, d in zip(data["image_paths"], data["mask_paths"], data["labels"],
+                                               data["defect_types"])]
+            return ScoredSet(samples=samples, pixel=data["pixel"].astype(np.float32),
+                             feature=data["feature"].astype(np.float32), seconds=0.0)
+    except (OSError, ValueError, KeyError, EOFError) as error:
+        raise DataError(f"{path}: not a readable map cache ({error}); run `defectdiff test` again") from error
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -195,15 +214,46 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def test(model: Model, samples: Sequence[Sample], *, out: Path, category: str, alpha: float | None = None,
-         progress: bool = True) -> dict[str, Any]:
-    """Score a labelled test set and write metrics.json, scores.csv, maps, overlays and the map cache."""
+RESULT_ENTRIES = ("metrics.json", "scores.csv", "raw_maps.npz", "table.txt", "anomaly_maps", "overlays")
+"""What test and predict write into an output folder; an earlier result there is replaced only on request."""
+
+
+def prepare_output(out: Path, *, overwrite: bool) -> None:
+    """Make ``out`` ready: refuse a file, or earlier results unless ``overwrite``; then clear those results
+    so old and new ones never mix. Other files in the folder are left alone."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: output path exists and is not a folder")
+    earlier = [out / name for name in RESULT_ENTRIES if (out / name).exists()]
+    if earlier and not overwrite:
+        raise DataError(f"{out}: holds earlier results ({', '.join(p.name for p in earlier)}); "
+                        "pass --overwrite to replace them or choose another --out")
+    for path in earlier:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    alpha = model.config.score.alpha if alpha is None else alpha
+
+
+def check_alpha(alpha: float) -> float:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return alpha
+
+
+def test(model: Model, samples: Sequence[Sample], *, out: Path, category: str, alpha: float | None = None,
+         overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Score a labelled test set and write metrics.json, scores.csv, maps, overlays and the map cache.
+
+    Inputs are checked (alpha, masks) before anything is written."""
+    alpha = check_alpha(model.config.score.alpha if alpha is None else alpha)
+    for sample in samples:
+        sample.load_mask()
+    prepare_output(out, overwrite=overwrite)
     scored = score_samples(model, samples, progress=progress)
-    save_raw_maps(scored, path=out / "raw_maps.npz")
     metrics, _ = evaluate_scored(model, scored, alpha=alpha)
+    save_raw_maps(scored, path=out / "raw_maps.npz")
     write_outputs(model, scored, out=out, alpha=alpha, category=category)
     metrics.update({"alpha": alpha, "score_seconds": round(scored.seconds, 2),
                     "images_per_second": round(len(samples) / max(scored.seconds, 1e-9), 3)})
@@ -211,8 +261,10 @@ def test(model: Model, samples: Sequence[Sample], *, out: Path, category: str, a
     return metrics
 
 
-def collect_images(paths: Sequence[Path]) -> list[Path]:
+def collect_images(paths: Sequence[Path] | Path | str) -> list[Path]:
     """Image files named directly or found (non-recursively, sorted) in named folders."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -225,20 +277,35 @@ def collect_images(paths: Sequence[Path]) -> list[Path]:
             found.append(path)
         else:
             raise DataError(f"{path}: no such file or folder")
+    if not found:
+        raise DataError("no images given")
     return found
 
 
-def predict(model: Model, paths: Sequence[Path], *, out: Path, alpha: float | None = None,
-            progress: bool = True) -> list[tuple[Path, float]]:
-    """Score unlabelled images: a map (TIFF), an overlay (PNG) per image and scores.csv."""
+def output_names(files: Sequence[Path]) -> list[str]:
+    """File stems, with the parent folder's name (and a counter, if still needed) where stems repeat."""
+    stems = [f.stem for f in files]
+    names = [f"{f.parent.name}_{f.stem}" if stems.count(f.stem) > 1 else f.stem for f in files]
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if names.count(name) == 1 else f"{name}_{seen[name]}")
+    return unique
+
+
+def predict(model: Model, paths: Sequence[Path] | Path | str, *, out: Path, alpha: float | None = None,
+            overwrite: bool = False, progress: bool = True) -> list[tuple[Path, float]]:
+    """Score unlabelled images: a map (TIFF), an overlay (PNG) per image and scores.csv.
+
+    Every image is read (and a bad one reported) before anything is written."""
+    alpha = check_alpha(model.config.score.alpha if alpha is None else alpha)
     files = collect_images(paths)
     for f in files:
         load_image(f)
+    prepare_output(out, overwrite=overwrite)
     samples = [Sample(image_path=f, mask_path=None, label=0, defect_type="predict") for f in files]
-    names = [f"{i:04d}_{f.stem}" for i, f in enumerate(files)]
-    unique = [Sample(image_path=s.image_path, mask_path=None, label=0, defect_type=n) for s, n in zip(samples, names)]
-    scored = score_samples(model, unique, progress=progress)
-    alpha = model.config.score.alpha if alpha is None else alpha
-    out = Path(out)
-    scores = write_outputs(model, scored, out=out, alpha=alpha, category="predict", with_masks=False)
+    scored = score_samples(model, samples, progress=progress)
+    scores = write_outputs(model, scored, out=Path(out), alpha=alpha, category="predict",
+                           names=output_names(files))
     return list(zip(files, (float(s) for s in scores)))

@@ -127,11 +127,11 @@ def known_masks(paths: Sequence[Path]) -> list[np.ndarray | None]:
     return masks
 
 
-def figure_panel(model: Model, *, image: torch.Tensor, reconstruction: torch.Tensor, name: str,
+def figure_panel(model: Model, *, image: torch.Tensor, reconstruction: torch.Tensor,
                  mask: np.ndarray | None = None) -> np.ndarray:
     """A Figure-4 strip (uint8): input, reconstruction, pixel map, feature map, final map and, when
     known, the ground truth; the maps are the model's, of the input image, at model resolution."""
-    raw = model.raw_maps(image[None], names=[name])
+    raw = model.raw_maps(image[None])
     final = model.final_map(raw)[0]
     pixel_z = (raw.pixel[0] - model.calibration["pixel_mean"]) / model.calibration["pixel_std"]
     feature_z = (raw.feature[0] - model.calibration["feature_mean"]) / model.calibration["feature_std"]
@@ -173,7 +173,6 @@ def reconstruct_files(run: Path, inputs: Sequence[Path], *, out: Path,
             stem = f"{start + offset:04d}_{path.stem}"
             recon_path, panel_path = out / f"{stem}_reconstruction.png", out / f"{stem}_panel.png"
             save_png(recon_path, _to_uint8(recon))
-            save_png(panel_path, figure_panel(model, image=image, reconstruction=recon,
-                                              name=f"{path.parent.name}/{path.stem}", mask=mask))
+            save_png(panel_path, figure_panel(model, image=image, reconstruction=recon, mask=mask))
             written.append((path, recon_path, panel_path))
     return written

@@ -20,7 +20,6 @@ import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -35,9 +34,9 @@ from .storage import CheckpointError, load_checkpoint
 MODEL_FORMAT = "defectdiff-model-v1"
 
 
-def image_seed(name: str, *, seed: int) -> int:
-    """A per-image noise seed from its name, independent of batch and order."""
-    return (zlib.crc32(name.encode("utf-8")) + 1_000_003 * seed) % (2**63)
+def image_seed(image: torch.Tensor, *, seed: int) -> int:
+    """A per-image noise seed from its pixels, so a score depends on neither batch, order nor file name."""
+    return (zlib.crc32(image.detach().contiguous().float().numpy().tobytes()) + 1_000_003 * seed) % (2**63)
 
 
 def gaussian_blur(maps: torch.Tensor, *, sigma: float) -> torch.Tensor:
@@ -89,7 +88,6 @@ def raw_maps(
     *,
     backbone: FeatureExtractor,
     images: torch.Tensor,
-    names: Sequence[str],
     config: RunConfig,
     feature_mean: torch.Tensor,
     feature_std: torch.Tensor,
@@ -100,8 +98,8 @@ def raw_maps(
     b, k = len(images), len(indices)
     res = images.shape[-1]
     noise = torch.stack([
-        torch.randn((k, 3, res, res), generator=torch.Generator().manual_seed(image_seed(n, seed=score.seed)))
-        for n in names
+        torch.randn((k, 3, res, res), generator=torch.Generator().manual_seed(image_seed(image, seed=score.seed)))
+        for image in images
     ])
     x0 = (images * 2.0 - 1.0)[:, None].expand(b, k, 3, res, res).reshape(b * k, 3, res, res)
     index = torch.tensor(indices).repeat(b)
@@ -142,7 +140,6 @@ def calibrate(
     backbone: FeatureExtractor,
     config: RunConfig,
     images: torch.Tensor,
-    samples: Sequence[Any],
     feature_mean: torch.Tensor,
     feature_std: torch.Tensor,
 ) -> dict[str, float]:
@@ -152,8 +149,7 @@ def calibrate(
     pixels, feats = [], []
     for start in range(0, count, config.score.batch_size):
         sel = chosen[start : start + config.score.batch_size]
-        raw = raw_maps(unet, backbone=backbone, images=images[sel], names=[samples[i].name for i in sel],
-                       config=config, feature_mean=feature_mean, feature_std=feature_std)
+        raw = raw_maps(unet, backbone=backbone, images=images[sel], config=config, feature_mean=feature_mean, feature_std=feature_std)
         pixels.append(raw.pixel)
         feats.append(raw.feature)
     pixel, feature = torch.cat(pixels), torch.cat(feats)
@@ -176,8 +172,8 @@ class Model:
     feature_std: torch.Tensor
     calibration: dict[str, float]
 
-    def raw_maps(self, images: torch.Tensor, *, names: Sequence[str]) -> RawMaps:
-        return raw_maps(self.unet, backbone=self.backbone, images=images, names=names, config=self.config,
+    def raw_maps(self, images: torch.Tensor) -> RawMaps:
+        return raw_maps(self.unet, backbone=self.backbone, images=images, config=self.config,
                         feature_mean=self.feature_mean, feature_std=self.feature_std)
 
     def final_map(self, raw: RawMaps, *, alpha: float | None = None) -> torch.Tensor:

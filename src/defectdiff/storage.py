@@ -56,6 +56,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"PK\x03\x04":
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (saved by torch.save)")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -63,8 +66,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"{path}: refused: the file holds pickled objects beyond tensors and plain data "
             f"(it could run code when loaded): {str(error).splitlines()[0]}"
         ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path}: not a readable checkpoint: {error}") from error
+    except Exception as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint: {type(error).__name__}: {error}") from error
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dictionary checkpoint, got {type(data).__name__}")
     return data

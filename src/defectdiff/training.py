@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from . import __version__
 from .backbone import FeatureExtractor
-from .config import RunConfig, differences, from_dict, load_yaml, save_yaml, to_dict
-from .data import Sample, load_image, to_tensor, train_samples
+from .config import RunConfig, differences, from_dict, load_yaml, save_yaml, to_dict, validate
+from .data import Sample, to_tensor, train_samples
 from .diffusion import make_schedule, q_sample, vb_term
 from .networks import UNet
 from .scoring import MODEL_FORMAT, calibrate
@@ -84,6 +84,8 @@ def _maybe_init_distributed() -> None:
 def _prepare_folder(out: Path, config: RunConfig, *, resume: bool, overwrite: bool) -> None:
     """Create the run folder, refusing to overwrite a run unless asked, and checking a resumed config."""
     config_path = out / "config.yaml"
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{out}: exists and is not a folder")
     if resume:
         if not config_path.exists():
             raise RunFolderError(f"{out}: nothing to resume (no config.yaml)")
@@ -155,25 +157,26 @@ def train(
     ``stop_after`` ends the process's work after that many steps (for tests of interruption).
     Launched by torchrun, each process trains on its shard of every batch and rank 0 alone writes.
     """
+    validate(config)
     _maybe_init_distributed()
     rank, world = _world()
     out = Path(out)
-    samples = train_samples(Path(config.data_root), config.category)
     if config.train.batch_size % world:
         raise ValueError(f"batch size {config.train.batch_size} is not divisible by {world} processes")
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
+    samples = train_samples(Path(config.data_root), config.category)
+    res = config.model.resolution
+    images = load_images(samples, resolution=res)
     if rank == 0:
         _prepare_folder(out, config, resume=resume, overwrite=overwrite)
         save_yaml(config, out / "config.yaml")
         atomic_write_json(out / "run.json", _run_record(config, samples))
     if world > 1:
         dist.barrier()
-    if config.train.num_threads:
-        torch.set_num_threads(config.train.num_threads)
 
     torch.manual_seed(config.train.seed)
     generator = torch.Generator().manual_seed(config.train.seed)
-    res = config.model.resolution
-    images = load_images(samples, resolution=res)
     backbone = FeatureExtractor()
     features = backbone_features(backbone, images, feature_size=config.model.feature_size)
     feature_mean, feature_std = feature_statistics(features)
@@ -185,6 +188,7 @@ def train(
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     start = 0
+    seconds_before = 0.0
     last_path = out / "checkpoints" / "last.pt"
     if resume and last_path.exists():
         state = load_checkpoint(last_path)
@@ -197,6 +201,7 @@ def train(
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         start = int(state["step"])
+        seconds_before = float(state.get("train_seconds", 0.0))
     train_model: torch.nn.Module = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -249,7 +254,9 @@ def train(
             with open(log_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
             if done % config.train.checkpoint_every == 0 or done == config.train.steps:
-                atomic_save(last_path, _checkpoint(model, ema, optimizer, done, generator, config))
+                state = _checkpoint(model, ema, optimizer, done, generator, config)
+                state["train_seconds"] = seconds_before + time.perf_counter() - t0
+                atomic_save(last_path, state)
     bar.close()
     if world > 1:
         dist.barrier()
@@ -257,7 +264,7 @@ def train(
         return last_path
     if rank == 0:
         ema = ema.cpu().eval()
-        calibration = calibrate(ema, backbone=backbone, config=config, images=images, samples=samples,
+        calibration = calibrate(ema, backbone=backbone, config=config, images=images,
                                 feature_mean=feature_mean, feature_std=feature_std)
         atomic_save(out / "model.pt", {
             "format": MODEL_FORMAT,
@@ -266,7 +273,7 @@ def train(
             "feature_mean": feature_mean,
             "feature_std": feature_std,
             "calibration": calibration,
-            "train_seconds": round(time.perf_counter() - t0, 1),
+            "train_seconds": round(seconds_before + time.perf_counter() - t0, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         })
     if world > 1:
