@@ -31,16 +31,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_scoring_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by test and predict."""
+    p.add_argument("--alpha", type=float, help="weight of the pixel map in the final map (default: the run's)")
+    p.add_argument("--bf16", action="store_true", help="run the UNet under bfloat16 autocast (faster on AMX CPUs, GPUs)")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier results in the output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _add_test(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("test", help="score a labelled test set and compute the metrics")
     p.add_argument("--run", required=True, type=Path, help="run folder made by `defectdiff train`")
     p.add_argument("--data", type=Path, help="dataset root (default: the one the run was trained on)")
     p.add_argument("--category", help="category (default: the run's)")
     p.add_argument("--out", type=Path, help="output folder (default: RUN/test)")
-    p.add_argument("--alpha", type=float, help="weight of the pixel map in the final map (default: the run's)")
-    p.add_argument("--bf16", action="store_true", help="run the UNet under bfloat16 autocast (faster on AMX CPUs, GPUs)")
-    p.add_argument("--overwrite", action="store_true", help="replace earlier results in the output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_scoring_options(p)
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -48,10 +53,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", required=True, type=Path, help="run folder made by `defectdiff train`")
     p.add_argument("inputs", nargs="+", type=Path, help="image files or folders of images")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--alpha", type=float, help="weight of the pixel map in the final map (default: the run's)")
-    p.add_argument("--bf16", action="store_true", help="run the UNet under bfloat16 autocast (faster on AMX CPUs, GPUs)")
-    p.add_argument("--overwrite", action="store_true", help="replace earlier results in the output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_scoring_options(p)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
