@@ -8,10 +8,11 @@ DATA=$1; RUN=$2; OUT=$3
 mkdir -p "$OUT"
 images=("$DATA/bottle/test/broken_large/000.png" "$DATA/bottle/test/contamination/000.png" "$DATA/bottle/test/good/000.png")
 /usr/bin/time -v -o "$OUT/test.time" defectdiff test --run "$RUN" --overwrite --quiet | tee "$OUT/test.txt"
+defectdiff test --run "$RUN" --alpha 0 --out "$OUT/test-alpha0" --overwrite --quiet | tee "$OUT/test-alpha0.txt"
 python benchmarks/score_variants.py --run "$RUN" --threads 2 --out "$OUT/variants.json" | tee "$OUT/variants.txt"
 defectdiff sweep-alpha --run "$RUN" --alphas 0,0.25,0.5,0.75,1 --out "$OUT/sweep" | tee "$OUT/sweep.txt"
 defectdiff bench --data "$DATA" --categories bottle --methods ours,padim,spade --preset cpu \
-    --runs "bottle=$RUN" --out "$OUT/bench" --quiet | tee "$OUT/bench.txt"
+    --runs "bottle=$RUN" --alpha 0 --out "$OUT/bench" --quiet | tee "$OUT/bench.txt"
 python benchmarks/speed.py --run "$RUN" --threads 2 --out "$OUT/speed.json" > "$OUT/speed.txt"
 python benchmarks/train_step.py --preset cpu --threads 2 > "$OUT/train_step.jsonl"
 python benchmarks/train_step.py --preset cpu --threads 2 --fp32 >> "$OUT/train_step.jsonl"

@@ -86,13 +86,14 @@ def demo(*, out: Path = Path("defectdiff-demo"), steps: int = 300, progress: boo
 
 def bench(*, data: Path, categories: Sequence[str], methods: Sequence[str] = ("ours", "padim", "spade"),
           preset: str = "cpu", out: Path, runs: dict[str, Path] | None = None, steps: int | None = None,
-          threads: int | None = None, progress: bool = True) -> tuple[dict[str, Any], str]:
+          threads: int | None = None, alpha: float | None = None,
+          progress: bool = True) -> tuple[dict[str, Any], str]:
     """Benchmark our model against PaDiM and SPADE per category; writes table.md and table.csv into
     ``out``; returns (results[category][method] = metrics, Markdown table)."""
     from .benchmark import run_benchmark  # benchmark builds on train and test above
 
     return run_benchmark(data=data, categories=categories, methods=methods, preset=preset, out=out, runs=runs,
-                         steps=steps, threads=threads, progress=progress)
+                         steps=steps, threads=threads, alpha=alpha, progress=progress)
 
 
 def reconstruct(*, run: Path, inputs: Sequence[Path], out: Path, loops: int = 100, step_size: float = 0.02,

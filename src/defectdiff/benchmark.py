@@ -104,7 +104,7 @@ def _check_resolution(run: Path, *, resolution: int, preset: str) -> None:
 
 
 def run_ours(*, data: Path, category: str, preset: str, out: Path, run: Path | None = None, steps: int | None = None,
-             threads: int | None = None, progress: bool = True) -> dict[str, Any]:
+             threads: int | None = None, alpha: float | None = None, progress: bool = True) -> dict[str, Any]:
     """Train (into ``out/runs/<category>``) or take a run, test it with ``api.test`` into
     ``out/<category>/ours`` and return its metrics with train time and throughput.
 
@@ -125,7 +125,8 @@ def run_ours(*, data: Path, category: str, preset: str, out: Path, run: Path | N
         train_seconds, source = load_checkpoint(Path(run) / "model.pt").get("train_seconds"), "model.pt"
     _check_resolution(Path(run), resolution=resolution, preset=preset)
     folder = Path(out) / category / OURS
-    metrics, _ = api.test(run=run, data=data, category=category, out=folder, overwrite=True, progress=progress)
+    metrics, _ = api.test(run=run, data=data, category=category, out=folder, alpha=alpha, overwrite=True,
+                          progress=progress)
     metrics.update({"method": OURS, "run": str(run), "resolution": resolution, "train_seconds": train_seconds,
                     "train_seconds_source": source})
     atomic_write_json(folder / "metrics.json", metrics)
@@ -158,6 +159,7 @@ def run_baseline(name: str, *, train: Sequence[Sample], test: Sequence[Sample], 
 
 def run_benchmark(*, data: Path, categories: Sequence[str], methods: Sequence[str], preset: str = "cpu", out: Path,
                   runs: Mapping[str, Path] | None = None, steps: int | None = None, threads: int | None = None,
+                  alpha: float | None = None,
                   progress: bool = True) -> tuple[dict[str, dict[str, dict[str, Any]]], str]:
     """Run each method on each category; writes per-method metrics.json, ``table.md``, ``table.csv`` and
     ``results.json`` under ``out``. Returns (results[category][method] = metrics, markdown table)."""
@@ -186,7 +188,7 @@ def run_benchmark(*, data: Path, categories: Sequence[str], methods: Sequence[st
         for method in methods:
             if method == OURS:
                 results[category][method] = run_ours(data=data, category=category, preset=preset, out=out,
-                                                     run=runs.get(category), steps=steps, threads=threads,
+                                                     run=runs.get(category), steps=steps, threads=threads, alpha=alpha,
                                                      progress=progress)
             else:
                 results[category][method] = run_baseline(method, train=train, test=test, resolution=resolution,

@@ -76,6 +76,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", help="trained runs to use instead of training: CATEGORY=RUN_DIR,...")
     p.add_argument("--steps", type=int, help="override the preset's number of training steps")
     p.add_argument("--threads", type=int, help="CPU threads for torch (use 1 beside other jobs)")
+    p.add_argument("--alpha", type=float, help="our pixel-map weight (default: each run's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "bench":
         _, table = bench(data=args.data, categories=parse_list(args.categories), methods=parse_list(args.methods),
                          preset=args.preset, out=args.out, runs=parse_runs(args.runs), steps=args.steps,
-                         threads=args.threads, progress=progress)
+                         threads=args.threads, alpha=args.alpha, progress=progress)
         print(table)
         print(f"results in {args.out} (table.md, table.csv, <category>/<method>/metrics.json)")
     elif args.command == "reconstruct":

@@ -80,7 +80,7 @@ def _cpu() -> RunConfig:
                          attention_resolutions=[16, 8], num_heads=4),
         train=TrainConfig(steps=2200, batch_size=8, lr=3e-4, warmup_steps=50, ema_decay=0.995, max_timestep=450,
                           checkpoint_every=100, bf16=True),
-        score=ScoreConfig(),
+        score=ScoreConfig(alpha=0.0),
     )
 
 
