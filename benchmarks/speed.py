@@ -3,7 +3,8 @@
 For each method: warm-up, several timed repetitions, the median images per second at the run's
 resolution, the FLOPs of one image (counted with torch.utils.flop_counter) and the floor those FLOPs
 imply at this machine's measured fp32 matmul rate. For ours it also times the scored timesteps as
-one batched forward pass against a loop of separate passes, and channels_last against the default.
+one batched forward pass against a loop of separate passes, and contiguous (NCHW) weights against
+channels_last, which load_model uses since this measurement.
 
     python benchmarks/speed.py --run RUN [--threads 2] [--out RUN/speed.json]
 """
@@ -94,6 +95,7 @@ def main() -> None:
                      "floor_images_per_second": round(1 / floor, 2), "fraction_of_floor": round(ips * floor, 3)})
         print(json.dumps(rows[-1]), flush=True)
 
+    model.unet.to(memory_format=torch.contiguous_format)
     ours = lambda: model.raw_maps(images)  # noqa: E731
     ours_flops = flops_of(ours) / len(images)
     add("ours (one batched pass, all timesteps)", ours, ours_flops)

@@ -203,6 +203,6 @@ def load_model(path: Path) -> Model:
         unet.load_state_dict(data["ema"])
     except (KeyError, ValueError, TypeError, RuntimeError) as error:
         raise CheckpointError(f"{path}: model does not match its config: {error}") from error
-    unet.eval().requires_grad_(False)
+    unet.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     return Model(config=config, unet=unet, backbone=FeatureExtractor(), feature_mean=data["feature_mean"],
                  feature_std=data["feature_std"], calibration=dict(data["calibration"]))
