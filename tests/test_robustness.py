@@ -167,3 +167,46 @@ def test_a_model_file_that_is_not_a_checkpoint_is_named(tmp_path: Path, capsys: 
     assert main(["test", "--run", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "not a PyTorch checkpoint" in err and "model.pt" in err
+
+
+def test_metrics_stream_full_size_maps_instead_of_holding_a_second_copy() -> None:
+    import tracemalloc
+
+    from defectdiff.evaluation import OriginalSizeMaps
+    from defectdiff.metrics import aupro, pixel_auroc
+
+    rng = np.random.default_rng(0)
+    small = torch.from_numpy(rng.random((30, 64, 64), dtype=np.float32))
+    sizes = [(400, 380)] * 30
+    masks = [np.zeros(size, bool) for size in sizes]
+    for i, mask in enumerate(masks[::2]):
+        mask[50 + i : 120 + i, 60:140] = True
+    lazy = OriginalSizeMaps(small, sizes)
+    full_bytes = sum(h * w * 4 for h, w in sizes)
+    eager = [lazy[i] for i in range(len(lazy))]
+    assert pixel_auroc(lazy, masks) == pixel_auroc(eager, masks)
+    assert aupro(lazy, masks) == aupro(eager, masks)
+    del eager
+
+
+    def peak_of(run) -> int:
+        tracemalloc.start()
+        run()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+    class NumpyMaps:
+        """Full-size maps made with numpy on each read, so tracemalloc sees them."""
+
+        def __len__(self) -> int:
+            return len(sizes)
+
+        def __getitem__(self, index: int) -> np.ndarray:
+            return np.random.default_rng(index).random(sizes[index], dtype=np.float32)
+
+    numpy_maps = NumpyMaps()
+    for metric in (pixel_auroc, aupro):
+        streamed = peak_of(lambda: metric(numpy_maps, masks))
+        held = peak_of(lambda: metric([numpy_maps[i] for i in range(len(numpy_maps))], masks))
+        assert streamed < held - 0.8 * full_bytes, (metric.__name__, streamed / full_bytes, held / full_bytes)

@@ -27,7 +27,7 @@ from .backbone import FeatureExtractor
 from .baselines import BASELINES
 from .config import load_yaml, preset as named_preset
 from .data import Sample, test_samples, train_samples
-from .evaluation import evaluate_scored, load_raw_maps, metrics_by_type, to_original_size
+from .evaluation import OriginalSizeMaps, evaluate_scored, load_raw_maps, metrics_by_type
 from .scoring import load_model
 from .storage import atomic_save, atomic_write_json, atomic_write_text, load_checkpoint
 from .training import load_images
@@ -148,7 +148,7 @@ def run_baseline(name: str, *, train: Sequence[Sample], test: Sequence[Sample], 
     scores = method.image_scores(maps)
     score_seconds = time.perf_counter() - start
     masks = [s.load_mask() for s in test]
-    originals = [to_original_size(maps[i], size=mask.shape) for i, mask in enumerate(masks)]
+    originals = OriginalSizeMaps(maps, [mask.shape for mask in masks])
     metrics = metrics_by_type(maps=originals, masks=masks, scores=[float(s) for s in scores], samples=test)
     metrics.update({"method": name, "resolution": resolution, "train_seconds": round(train_seconds, 2),
                     "score_seconds": round(score_seconds, 2),

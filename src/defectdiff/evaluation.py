@@ -17,6 +17,7 @@ import csv
 import io
 import shutil
 import time
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -97,6 +98,33 @@ def set_metrics(*, maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], scor
     return out
 
 
+class Selection(SequenceABC):
+    """The items of a sequence at chosen indices, read on access (no copy of a lazy sequence)."""
+
+    def __init__(self, items: Sequence[Any], indices: Sequence[int]) -> None:
+        self.items, self.indices = items, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[self.indices[index]]
+
+
+class OriginalSizeMaps(SequenceABC):
+    """Maps at model resolution, upsampled to each image's original size only when read, so the metrics
+    never hold every full-size map at once in a second copy."""
+
+    def __init__(self, maps: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> None:
+        self.maps, self.sizes = maps, list(sizes)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return to_original_size(self.maps[index], size=self.sizes[index])
+
+
 def metrics_by_type(*, maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], scores: Sequence[float],
                     samples: Sequence[Sample]) -> dict[str, Any]:
     """Overall metrics and, per defect type, the metrics of that type together with the good images."""
@@ -106,7 +134,7 @@ def metrics_by_type(*, maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], 
     for defect in sorted({s.defect_type for s in samples if s.label == 1}):
         chosen = good + [i for i, s in enumerate(samples) if s.defect_type == defect]
         result["per_defect"][defect] = set_metrics(
-            maps=[maps[i] for i in chosen], masks=[masks[i] for i in chosen],
+            maps=Selection(maps, chosen), masks=Selection(masks, chosen),
             scores=[scores[i] for i in chosen], labels=[labels[i] for i in chosen])
     return result
 
@@ -115,11 +143,8 @@ def evaluate_scored(model: Model, scored: ScoredSet, *, alpha: float) -> tuple[d
     """Metrics at each image's original size for one alpha; returns (metrics, image scores)."""
     final = model.final_map(scored.raw(slice(None)), alpha=alpha)
     scores = model.image_scores(final).numpy()
-    maps, masks = [], []
-    for i, s in enumerate(scored.samples):
-        mask = s.load_mask()
-        maps.append(to_original_size(final[i], size=mask.shape))
-        masks.append(mask)
+    masks = [s.load_mask() for s in scored.samples]
+    maps = OriginalSizeMaps(final, [mask.shape for mask in masks])
     return metrics_by_type(maps=maps, masks=masks, scores=list(scores), samples=scored.samples), scores
 
 

@@ -24,20 +24,19 @@ def pixel_auroc(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> floa
 
     Computed exactly by ranks (equal to scikit-learn's roc_auc_score, which the tests check) because
     its full argsort of every pixel takes over a minute at MVTec's original sizes."""
-    pairs = _validated_pairs(maps=maps, masks=masks)
-    scores = _concatenated_scores(pairs=pairs)
-    defective = np.concatenate([mask.ravel() for _, mask in pairs])
-    if not defective.any():
+    ok_scores, defect_scores, _, _ = _split(maps, masks, with_regions=False)
+    if defect_scores.size == 0:
         raise ValueError("pixel AUROC is undefined: no mask has a defective region (no pixel > 0)")
-    if defective.all():
+    if ok_scores.size == 0:
         raise ValueError("pixel AUROC is undefined: no mask has a defect-free pixel (every pixel > 0)")
-    return _rank_auroc(positives=scores[defective], negatives=scores[~defective])
+    return _rank_auroc(positives=defect_scores, negatives=ok_scores)
 
 
 def _rank_auroc(*, positives: np.ndarray, negatives: np.ndarray) -> float:
     """Exact ROC AUC as the Mann-Whitney statistic, ties counted half: one sort of the negatives and a
-    binary search per positive, instead of a full argsort of every pixel (tens of millions at 900x900)."""
-    negatives = np.sort(negatives)
+    binary search per positive, instead of a full argsort of every pixel (tens of millions at 900x900).
+    Sorts ``negatives`` in place."""
+    negatives.sort()
     below = np.searchsorted(negatives, positives, side="left").sum(dtype=np.float64)
     tied = np.searchsorted(negatives, positives, side="right").sum(dtype=np.float64) - below
     return float((below + 0.5 * tied) / (float(positives.size) * float(negatives.size)))
@@ -54,9 +53,7 @@ def aupro(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], fpr_limit: fl
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-    pairs = _validated_pairs(maps=maps, masks=masks)
-    ok_scores, defect_scores, inverse_region_sizes, num_regions = _split_by_region(pairs=pairs)
-    del pairs
+    ok_scores, defect_scores, inverse_region_sizes, num_regions = _split(maps, masks, with_regions=True)
     if num_regions == 0:
         raise ValueError("AUPRO is undefined: no mask has a defective region (no pixel > 0)")
     num_ok = ok_scores.size
@@ -96,20 +93,28 @@ def image_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(roc_auc_score(defective, scores))
 
 
-def _validated_pairs(
-    maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Pair each map with its boolean mask, checking count, 2-D shapes, equal shapes and finite scores."""
-    maps = list(maps)
-    masks = list(masks)
-    if not maps and not masks:
+def _split(
+    maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], *, with_regions: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """One pass over the images: check each map against its mask and copy its scores into two flat
+    buffers, defect-free and defect. Maps are read one at a time, so a lazy sequence of full-size
+    maps is never held whole. With ``with_regions`` also returns 1/region size per defect pixel
+    (regions are 8-connected components of each mask) and the number of regions of all images.
+    """
+    if not hasattr(maps, "__getitem__"):
+        maps = list(maps)
+    masks = [np.asarray(mask) > 0 for mask in masks]
+    if len(maps) == 0 and not masks:
         raise ValueError("no images given: maps and masks are empty")
     if len(maps) != len(masks):
         raise ValueError(f"got {len(maps)} maps but {len(masks)} masks")
-    pairs = []
-    for index, (raw_map, raw_mask) in enumerate(zip(maps, masks)):
-        score_map = np.asarray(raw_map)
-        mask = np.asarray(raw_mask)
+    defect_counts = [int(np.count_nonzero(mask)) for mask in masks]
+    ok_scores = np.empty(sum(mask.size for mask in masks) - sum(defect_counts), dtype=np.float32)
+    defect_scores = np.empty(sum(defect_counts), dtype=np.float32)
+    inverse_sizes = np.empty(sum(defect_counts), dtype=np.float64) if with_regions else None
+    num_regions = ok_offset = defect_offset = 0
+    for index, (mask, defect_count) in enumerate(zip(masks, defect_counts)):
+        score_map = np.asarray(maps[index])
         if score_map.ndim != 2:
             raise ValueError(f"map {index} must be 2-D, got shape {score_map.shape}")
         if score_map.shape != mask.shape:
@@ -117,55 +122,35 @@ def _validated_pairs(
         _check_real(array=score_map, what=f"map {index}")
         if not np.isfinite(score_map).all():
             raise ValueError(f"map {index} contains NaN or inf")
-        pairs.append((score_map, mask > 0))
-    return pairs
+        dtype = np.result_type(ok_scores.dtype, score_map.dtype)
+        if dtype != ok_scores.dtype:
+            ok_scores = _widened(ok_scores, filled=ok_offset, dtype=dtype)
+            defect_scores = _widened(defect_scores, filled=defect_offset, dtype=dtype)
+        ok_count = mask.size - defect_count
+        ok_scores[ok_offset : ok_offset + ok_count] = score_map[~mask]
+        defect_scores[defect_offset : defect_offset + defect_count] = score_map[mask]
+        if inverse_sizes is not None:
+            labelled, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+            region_of_pixel = labelled[mask]
+            sizes = np.bincount(region_of_pixel, minlength=count + 1)
+            inverse_sizes[defect_offset : defect_offset + defect_count] = 1.0 / sizes[region_of_pixel]
+            num_regions += count
+        ok_offset += ok_count
+        defect_offset += defect_count
+    return ok_scores, defect_scores, inverse_sizes, num_regions
+
+
+def _widened(buffer: np.ndarray, *, filled: int, dtype: np.dtype) -> np.ndarray:
+    """A copy of ``buffer`` in a wider dtype (float64, for a map that needs it), keeping its filled part."""
+    wider = np.empty(buffer.size, dtype=dtype)
+    wider[:filled] = buffer[:filled]
+    return wider
 
 
 def _check_real(array: np.ndarray, what: str) -> None:
     """Reject non-numeric or complex scores, which have no order."""
     if array.dtype.kind not in "biuf":
         raise TypeError(f"{what} must hold real numbers, got dtype {array.dtype}")
-
-
-def _score_dtype(pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.dtype:
-    """float32 unless some map needs float64 to keep its scores (and so its ties) exact."""
-    return np.result_type(np.float32, *[score_map.dtype for score_map, _ in pairs])
-
-
-def _concatenated_scores(pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """All scores in one flat array."""
-    scores = np.empty(sum(score_map.size for score_map, _ in pairs), dtype=_score_dtype(pairs=pairs))
-    offset = 0
-    for score_map, _ in pairs:
-        scores[offset : offset + score_map.size] = score_map.ravel()
-        offset += score_map.size
-    return scores
-
-
-def _split_by_region(
-    pairs: list[tuple[np.ndarray, np.ndarray]],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Split pixels into defect-free scores and defect scores, with 1/region size per defect pixel.
-
-    Regions are the 8-connected components of each mask; also returns their count over all images.
-    """
-    dtype = _score_dtype(pairs=pairs)
-    ok_counts = [mask.size - int(np.count_nonzero(mask)) for _, mask in pairs]
-    ok_scores = np.empty(sum(ok_counts), dtype=dtype)
-    defect_scores = []
-    inverse_sizes = []
-    num_regions = 0
-    offset = 0
-    for (score_map, mask), ok_count in zip(pairs, ok_counts):
-        ok_scores[offset : offset + ok_count] = score_map[~mask]
-        offset += ok_count
-        labelled, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
-        region_of_pixel = labelled[mask]
-        sizes = np.bincount(region_of_pixel, minlength=count + 1)
-        defect_scores.append(score_map[mask].astype(dtype, copy=False))
-        inverse_sizes.append(1.0 / sizes[region_of_pixel])
-        num_regions += count
-    return ok_scores, np.concatenate(defect_scores), np.concatenate(inverse_sizes), num_regions
 
 
 def _sorted_ok_scores_up_to_limit(ok_scores: np.ndarray, fpr_limit: float) -> np.ndarray:
