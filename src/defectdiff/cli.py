@@ -147,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "demo":
         table, out = demo(out=args.out, steps=args.steps, progress=progress)
         print(table)
-        print(f"demo results in {out.resolve()}: metrics.json, scores.csv, overlays/ under {out / 'run' / 'test'}")
+        print(f"demo results in {out.resolve()}: metrics.json, scores.csv, anomaly_maps/, overlays/ under "
+              f"{out / 'run' / 'test'}")
     elif args.command == "bench":
         _, table = bench(data=args.data, categories=parse_list(args.categories), methods=parse_list(args.methods),
                          preset=args.preset, out=args.out, runs=parse_runs(args.runs), steps=args.steps,
