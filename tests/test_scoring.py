@@ -69,3 +69,14 @@ def test_bf16_scoring_stays_close_to_fp32(tiny_run: Path, synthetic_root: Path) 
         a, b = getattr(full, name).ravel(), getattr(half, name).ravel()
         assert not np.array_equal(a, b), "autocast had no effect"
         assert np.corrcoef(a, b)[0, 1] > 0.95, name
+
+
+def test_compiled_unet_scores_like_the_eager_one(tiny_run: Path, tmp_path: Path) -> None:
+    from defectdiff import api
+
+    source = sorted((Path(load_model(tiny_run).config.data_root) / "surface" / "test" / "blob").glob("*.png"))[:2]
+    eager = api.predict(run=tiny_run, inputs=source, out=tmp_path / "eager", progress=False)
+    compiled = api.predict(run=tiny_run, inputs=source, out=tmp_path / "compiled", compile=True, progress=False)
+    for (_, a), (_, b) in zip(eager, compiled):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert isinstance(api._scoring_model(tiny_run, bf16=False, compile=True).unet, torch._dynamo.eval_frame.OptimizedModule)

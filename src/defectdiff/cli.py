@@ -35,6 +35,7 @@ def _add_scoring_options(p: argparse.ArgumentParser) -> None:
     """Options shared by test and predict."""
     p.add_argument("--alpha", type=float, help="weight of the pixel map in the final map (default: the run's)")
     p.add_argument("--bf16", action="store_true", help="run the UNet under bfloat16 autocast (faster on AMX CPUs, GPUs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start, faster passes; for GPUs)")
     p.add_argument("--overwrite", action="store_true", help="replace earlier results in the output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -134,12 +135,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"trained in {time.perf_counter() - start:.0f} s: {model_path}")
     elif args.command == "test":
         out = args.out or args.run / "test"
-        _, table = test(run=args.run, data=args.data, category=args.category, out=out, alpha=args.alpha, bf16=args.bf16, overwrite=args.overwrite,
+        _, table = test(run=args.run, data=args.data, category=args.category, out=out, alpha=args.alpha, bf16=args.bf16, compile=args.compile,
+                        overwrite=args.overwrite,
                         progress=progress)
         print(table)
         print(f"results in {out} (metrics.json, scores.csv, anomaly_maps/, overlays/)")
     elif args.command == "predict":
-        results = predict(run=args.run, inputs=args.inputs, out=args.out, alpha=args.alpha, bf16=args.bf16, overwrite=args.overwrite,
+        results = predict(run=args.run, inputs=args.inputs, out=args.out, alpha=args.alpha, bf16=args.bf16, compile=args.compile,
+                        overwrite=args.overwrite,
                           progress=progress)
         for path, score in results:
             print(f"{score:10.4f}  {path}")
