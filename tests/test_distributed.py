@@ -38,3 +38,21 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(synthet
 
     metrics, _ = api.test(run=out, progress=False)
     assert 0.0 <= metrics["overall"]["pixel_auroc"] <= 1.0
+
+
+def test_resume_under_torchrun_matches_resume_in_one_process(synthetic_root: Path, tmp_path: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "defectdiff.cli", "train", "--data", str(synthetic_root), "--category", "surface",
+            "--preset", "tiny", "--out", str(tmp_path / "ddp"), "--quiet"]
+    for extra in (["--steps", "4"], ["--steps", "8", "--resume"]):
+        result = subprocess.run(base + extra, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    api.train(data=synthetic_root, category="surface", preset="tiny", steps=4, out=tmp_path / "one", progress=False)
+    single = api.train(data=synthetic_root, category="surface", preset="tiny", steps=8, out=tmp_path / "one",
+                       resume=True, progress=False)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+    ddp_weights = load_checkpoint(tmp_path / "ddp" / "model.pt")["ema"]
+    for key, value in load_checkpoint(single)["ema"].items():
+        torch.testing.assert_close(ddp_weights[key], value, atol=2e-4, rtol=1e-3, msg=key)
