@@ -28,7 +28,7 @@ from .baselines import BASELINES
 from .config import load_yaml, preset as named_preset
 from .data import Sample, test_samples, train_samples
 from .evaluation import OriginalSizeMaps, evaluate_scored, load_raw_maps, metrics_by_type
-from .scoring import load_model
+from .scoring import check_alpha, load_model
 from .storage import atomic_save, atomic_write_json, atomic_write_text, load_checkpoint
 from .training import load_images
 
@@ -331,8 +331,7 @@ def sweep_alpha(*, run: Path, alphas: Sequence[float], test_dir: Path | None = N
     if not alphas:
         raise ValueError("no alphas given")
     for alpha in alphas:
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        check_alpha(alpha)
     test_dir = Path(test_dir) if test_dir is not None else Path(run) / "test"
     out = Path(out) if out is not None else test_dir
     scored = load_raw_maps(test_dir / "raw_maps.npz")

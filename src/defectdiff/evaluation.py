@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import IMAGE_EXTENSIONS, DataError, Sample, load_image, to_tensor
+from .data import IMAGE_EXTENSIONS, DataError, Sample, load_image, resize_mask, to_tensor
 from .metrics import aupro, image_auroc, pixel_auroc
-from .scoring import Model, RawMaps
+from .scoring import Model, RawMaps, check_alpha, standardize
 from .storage import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .visualize import overlay_panel, save_png
+from .visualize import display_top, overlay_panel, save_png
 
 
 @dataclass
@@ -164,9 +164,8 @@ def write_outputs(model: Model, scored: ScoredSet, *, out: Path, alpha: float, c
     raw = scored.raw(slice(None))
     final = model.final_map(raw, alpha=alpha)
     scores = model.image_scores(final).numpy()
-    pixel_z = (raw.pixel - model.calibration["pixel_mean"]) / model.calibration["pixel_std"]
-    feature_z = (raw.feature - model.calibration["feature_mean"]) / model.calibration["feature_std"]
-    high = max(float(np.quantile(final.numpy(), 0.999)), 1.0)
+    z = standardize(raw, calibration=model.calibration)
+    high = display_top(final.numpy())
     res = model.config.model.resolution
     for i, s in enumerate(scored.samples):
         image = s.load_image()
@@ -178,11 +177,8 @@ def write_outputs(model: Model, scored: ScoredSet, *, out: Path, alpha: float, c
             map_path, overlay_path = out / "anomaly_maps" / f"{names[i]}.tiff", out / "overlays" / f"{names[i]}.png"
         atomic_write_bytes(map_path, _tiff_bytes(to_original_size(final[i], size=size)))
         small = to_tensor(image, res).permute(1, 2, 0).numpy()
-        mask_small = None
-        if labelled:
-            mask_small = np.asarray(F.interpolate(torch.from_numpy(s.load_mask())[None, None].float(),
-                                                  size=(res, res), mode="nearest")[0, 0]) > 0
-        panel = overlay_panel(image=small, panels=[pixel_z[i].numpy(), feature_z[i].numpy(), final[i].numpy()],
+        mask_small = resize_mask(s.load_mask(), (res, res)) if labelled else None
+        panel = overlay_panel(image=small, panels=[z.pixel[i].numpy(), z.feature[i].numpy(), final[i].numpy()],
                               low=0.0, high=high, mask=mask_small)
         save_png(overlay_path, panel)
     buffer = io.StringIO()
@@ -259,12 +255,6 @@ def prepare_output(out: Path, *, overwrite: bool) -> None:
         else:
             path.unlink()
     out.mkdir(parents=True, exist_ok=True)
-
-
-def check_alpha(alpha: float) -> float:
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    return alpha
 
 
 def test(model: Model, samples: Sequence[Sample], *, out: Path, category: str, alpha: float | None = None,

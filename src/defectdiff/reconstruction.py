@@ -24,16 +24,15 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .baselines import PaDiM
-from .data import DataError, Sample, load_image, test_samples, to_tensor, train_samples
+from .data import DataError, Sample, load_image, resize_mask, test_samples, to_tensor, train_samples
 from .diffusion import make_schedule, p_mean_variance
 from .evaluation import collect_images
-from .scoring import Model, load_model
+from .scoring import Model, load_model, standardize
 from .storage import atomic_save, load_checkpoint
 from .training import load_images
-from .visualize import overlay_panel, save_png
+from .visualize import display_top, overlay_panel, save_png
 
 PADIM_FILE = "padim.pt"
 
@@ -133,14 +132,12 @@ def figure_panel(model: Model, *, image: torch.Tensor, reconstruction: torch.Ten
     known, the ground truth; the maps are the model's, of the input image, at model resolution."""
     raw = model.raw_maps(image[None])
     final = model.final_map(raw)[0]
-    pixel_z = (raw.pixel[0] - model.calibration["pixel_mean"]) / model.calibration["pixel_std"]
-    feature_z = (raw.feature[0] - model.calibration["feature_mean"]) / model.calibration["feature_std"]
-    high = max(float(np.quantile(final.numpy(), 0.999)), 1.0)
+    z = standardize(raw, calibration=model.calibration)
+    high = display_top(final.numpy())
     res = image.shape[-1]
-    small_mask = None if mask is None else np.asarray(
-        F.interpolate(torch.from_numpy(mask)[None, None].float(), size=(res, res), mode="nearest")[0, 0]) > 0
+    small_mask = None if mask is None else resize_mask(mask, (res, res))
     picture = image.permute(1, 2, 0).numpy()
-    strip = overlay_panel(image=picture, panels=[pixel_z.numpy(), feature_z.numpy(), final.numpy()], low=0.0,
+    strip = overlay_panel(image=picture, panels=[z.pixel[0].numpy(), z.feature[0].numpy(), final.numpy()], low=0.0,
                           high=high, mask=small_mask)
     tile = overlay_panel(image=reconstruction.permute(1, 2, 0).numpy(), panels=[], low=0.0, high=high)
     gap = np.full((tile.shape[0], 4, 3), 255, dtype=np.uint8)

@@ -125,13 +125,24 @@ def raw_maps(
     return RawMaps(pixel=gaussian_blur(pixel, sigma=sigma), feature=gaussian_blur(feature, sigma=sigma))
 
 
-def combine(raw: RawMaps, *, calibration: dict[str, float], alpha: float) -> torch.Tensor:
-    """Put both maps on the training images' scale and mix them: alpha * pixel + (1 - alpha) * feature."""
+def check_alpha(alpha: float) -> float:
+    """The map weight, refused outside [0, 1]."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    pixel = (raw.pixel - calibration["pixel_mean"]) / calibration["pixel_std"]
-    feature = (raw.feature - calibration["feature_mean"]) / calibration["feature_std"]
-    return alpha * pixel + (1.0 - alpha) * feature
+    return alpha
+
+
+def standardize(raw: RawMaps, *, calibration: dict[str, float]) -> RawMaps:
+    """Both maps on the training images' scale (their mean and spread saved with the model)."""
+    return RawMaps(pixel=(raw.pixel - calibration["pixel_mean"]) / calibration["pixel_std"],
+                   feature=(raw.feature - calibration["feature_mean"]) / calibration["feature_std"])
+
+
+def combine(raw: RawMaps, *, calibration: dict[str, float], alpha: float) -> torch.Tensor:
+    """Put both maps on the training images' scale and mix them: alpha * pixel + (1 - alpha) * feature."""
+    alpha = check_alpha(alpha)
+    z = standardize(raw, calibration=calibration)
+    return alpha * z.pixel + (1.0 - alpha) * z.feature
 
 
 def calibrate(

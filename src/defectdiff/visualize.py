@@ -21,6 +21,11 @@ def colorize(values: np.ndarray, *, low: float, high: float) -> np.ndarray:
     return _JET_STOPS[lower] * (1 - frac) + _JET_STOPS[lower + 1] * frac
 
 
+def display_top(values: np.ndarray) -> float:
+    """Top of the colour range for final maps (training-image scale): their 99.9th percentile, at least 1."""
+    return max(float(np.quantile(values, 0.999)), 1.0)
+
+
 def overlay_panel(*, image: np.ndarray, panels: list[np.ndarray], low: float, high: float,
                   mask: np.ndarray | None = None, height: int = 256) -> np.ndarray:
     """One uint8 strip: the image, each map blended over it, then the mask (if given)."""
