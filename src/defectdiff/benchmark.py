@@ -336,7 +336,9 @@ def sweep_alpha(*, run: Path, alphas: Sequence[float], test_dir: Path | None = N
     out = Path(out) if out is not None else test_dir
     scored = load_raw_maps(test_dir / "raw_maps.npz")
     model = load_model(run)
-    sweep = [{"alpha": float(alpha), **evaluate_scored(model, scored, alpha=alpha)[0]} for alpha in alphas]
+    masks = [s.load_mask() for s in scored.samples]
+    sweep = [{"alpha": float(alpha), **evaluate_scored(model, scored, alpha=alpha, masks=masks)[0]}
+             for alpha in alphas]
     markdown = format_sweep_markdown(sweep, run_alpha=model.config.score.alpha)
     atomic_write_text(out / "alpha_sweep.md", markdown)
     atomic_write_text(out / "alpha_sweep.csv", format_sweep_csv(sweep))

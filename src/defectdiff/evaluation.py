@@ -139,11 +139,16 @@ def metrics_by_type(*, maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], 
     return result
 
 
-def evaluate_scored(model: Model, scored: ScoredSet, *, alpha: float) -> tuple[dict[str, Any], np.ndarray]:
-    """Metrics at each image's original size for one alpha; returns (metrics, image scores)."""
+def evaluate_scored(model: Model, scored: ScoredSet, *, alpha: float,
+                    masks: Sequence[np.ndarray] | None = None) -> tuple[dict[str, Any], np.ndarray]:
+    """Metrics at each image's original size for one alpha; returns (metrics, image scores).
+
+    ``masks`` (the samples' masks, loaded once by a caller that evaluates several times) are read
+    from disk when not given."""
     final = model.final_map(scored.raw(slice(None)), alpha=alpha)
     scores = model.image_scores(final).numpy()
-    masks = [s.load_mask() for s in scored.samples]
+    if masks is None:
+        masks = [s.load_mask() for s in scored.samples]
     maps = OriginalSizeMaps(final, [mask.shape for mask in masks])
     return metrics_by_type(maps=maps, masks=masks, scores=list(scores), samples=scored.samples), scores
 
@@ -155,12 +160,14 @@ def _tiff_bytes(values: np.ndarray) -> bytes:
 
 
 def write_outputs(model: Model, scored: ScoredSet, *, out: Path, alpha: float, category: str,
-                  names: Sequence[str] | None = None) -> np.ndarray:
+                  names: Sequence[str] | None = None, masks: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """Maps as float32 TIFF at original size, overlay PNGs and scores.csv; returns image scores.
 
-    A labelled test set (``names`` None) uses MVTec's layout and draws the ground truth; unlabelled
-    images are written flat as ``anomaly_maps/<name>.tiff`` and ``overlays/<name>.png``."""
-    labelled = names is None
+    A labelled test set (given with its loaded ``masks``) uses MVTec's layout and draws the ground
+    truth; unlabelled images are written flat as ``anomaly_maps/<name>.tiff`` and ``overlays/<name>.png``."""
+    labelled = masks is not None
+    if not labelled and names is None:
+        raise ValueError("unlabelled images need output names")
     raw = scored.raw(slice(None))
     final = model.final_map(raw, alpha=alpha)
     scores = model.image_scores(final).numpy()
@@ -177,7 +184,7 @@ def write_outputs(model: Model, scored: ScoredSet, *, out: Path, alpha: float, c
             map_path, overlay_path = out / "anomaly_maps" / f"{names[i]}.tiff", out / "overlays" / f"{names[i]}.png"
         atomic_write_bytes(map_path, _tiff_bytes(to_original_size(final[i], size=size)))
         small = to_tensor(image, res).permute(1, 2, 0).numpy()
-        mask_small = resize_mask(s.load_mask(), (res, res)) if labelled else None
+        mask_small = resize_mask(masks[i], (res, res)) if labelled else None
         panel = overlay_panel(image=small, panels=[z.pixel[i].numpy(), z.feature[i].numpy(), final[i].numpy()],
                               low=0.0, high=high, mask=mask_small)
         save_png(overlay_path, panel)
@@ -263,13 +270,12 @@ def test(model: Model, samples: Sequence[Sample], *, out: Path, category: str, a
 
     Inputs are checked (alpha, masks) before anything is written."""
     alpha = check_alpha(model.config.score.alpha if alpha is None else alpha)
-    for sample in samples:
-        sample.load_mask()
+    masks = [sample.load_mask() for sample in samples]
     prepare_output(out, overwrite=overwrite)
     scored = score_samples(model, samples, progress=progress)
-    metrics, _ = evaluate_scored(model, scored, alpha=alpha)
+    metrics, _ = evaluate_scored(model, scored, alpha=alpha, masks=masks)
     save_raw_maps(scored, path=out / "raw_maps.npz")
-    write_outputs(model, scored, out=out, alpha=alpha, category=category)
+    write_outputs(model, scored, out=out, alpha=alpha, category=category, masks=masks)
     metrics.update({"alpha": alpha, "score_seconds": round(scored.seconds, 2),
                     "images_per_second": round(len(samples) / max(scored.seconds, 1e-9), 3)})
     atomic_write_json(out / "metrics.json", metrics)
